@@ -1,0 +1,136 @@
+"""The one source of time for breakers, metrics and timeouts.
+
+Every time read in Blackgate goes through a clock object owned by the
+registry (``component.clock``), so that tests can replace it with a
+:class:`FakeClock` and move time forward without sleeping: rolling windows,
+sleep windows, health snapshots and command timeouts all follow it.
+
+A clock has four methods:
+
+- ``monotonic()``: seconds, for measuring;
+- ``wall()``: seconds since the epoch, for timestamps shown to people;
+- ``call_later(loop, delay, callback)``: run ``callback`` on the asyncio
+  ``loop`` after ``delay`` seconds, returning a handle with ``cancel()``;
+- ``wait_result(future, timeout)``: block the calling thread until the
+  ``concurrent.futures.Future`` is done and return its result, or raise
+  :class:`TimeoutError` after ``timeout`` seconds.
+
+.. warning::
+
+   A :class:`FakeClock` may be advanced from any thread; the timers it fires
+   run on their own loop through ``call_soon_threadsafe``.
+"""
+import concurrent.futures
+import heapq
+import itertools
+import threading
+import time
+from typing import Any, Callable, List, Tuple
+
+__all__ = ('SystemClock', 'FakeClock', 'TimeoutError')
+
+#: What ``wait_result`` raises (an alias of the built-in on Python 3.11+).
+TimeoutError = concurrent.futures.TimeoutError
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic``, ``time.time`` and the loop's own timers."""
+
+    __slots__ = ()
+
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
+    @staticmethod
+    def call_later(loop, delay: float, callback: Callable[[], Any]):
+        return loop.call_later(delay, callback)
+
+    @staticmethod
+    def wait_result(future: concurrent.futures.Future, timeout: float) -> Any:
+        return future.result(timeout)
+
+    def __repr__(self) -> str:
+        return '<SystemClock>'
+
+
+class _FakeTimer:
+    __slots__ = ('deadline', 'loop', 'callback', 'cancelled')
+
+    def __init__(self, deadline: float, loop, callback: Callable[[], Any]) -> None:
+        self.deadline = deadline
+        self.loop = loop
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A clock that moves only when told to, for tests.
+
+    ``advance(seconds)`` moves time forward, fires the loop timers that fall
+    due and wakes the threads blocked in ``execute()`` whose timeout passed::
+
+        clock = FakeClock()
+        component.clock = clock
+        clock.advance(5.0)   # the sleep window is over
+    """
+
+    def __init__(self, start: float = 1000.0, wall_start: float = 1_700_000_000.0) -> None:
+        self._now = float(start)
+        self._wall_offset = float(wall_start) - float(start)
+        self._cond = threading.Condition(threading.RLock())
+        self._timers: List[Tuple[float, int, _FakeTimer]] = []
+        self._sequence = itertools.count()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds`` (not negative) and fire what fell due."""
+        if seconds < 0:
+            raise ValueError('a FakeClock only moves forward; got advance(%r)' % (seconds,))
+        with self._cond:
+            self._now += seconds
+            due = []
+            while self._timers and self._timers[0][0] <= self._now:
+                due.append(heapq.heappop(self._timers)[2])
+            self._cond.notify_all()
+        for timer in due:
+            if not timer.cancelled:
+                timer.loop.call_soon_threadsafe(_fire, timer)
+
+    def call_later(self, loop, delay: float, callback: Callable[[], Any]) -> _FakeTimer:
+        with self._cond:
+            timer = _FakeTimer(self._now + delay, loop, callback)
+            if delay <= 0:
+                loop.call_soon_threadsafe(_fire, timer)
+            else:
+                heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
+        return timer
+
+    def wait_result(self, future: concurrent.futures.Future, timeout: float) -> Any:
+        future.add_done_callback(self._wake)
+        with self._cond:
+            deadline = self._now + timeout
+            while not future.done():
+                if self._now >= deadline:
+                    raise TimeoutError()
+                self._cond.wait()
+        return future.result()
+
+    def _wake(self, _future) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def __repr__(self) -> str:
+        return '<FakeClock %.3f>' % (self._now,)
+
+
+def _fire(timer: _FakeTimer) -> None:
+    if not timer.cancelled:
+        timer.callback()

@@ -1,0 +1,533 @@
+"""Command: one pipeline, two drivers.
+
+Every execution goes through the same steps (DESIGN.md §5): the breaker gate,
+admission to a bulkhead, ``run()``, the outcome, the fallback, and the
+bookkeeping (metrics, breaker, listeners, one log record). ``execute()``
+carries them out on the calling thread and blocks; ``queue()`` carries them
+out on the IOLoop and returns a future at once.
+
+.. warning::
+
+   ``execute()`` blocks its thread, so it refuses to run on the thread of a
+   running IOLoop: use ``await cmd.queue()`` there. A synchronous ``run()``
+   always runs on a worker thread of its group's pool; an ``async def run()``
+   runs on the IOLoop and needs ``queue()``. Python cannot interrupt a thread:
+   after a timeout the caller gets the fallback at once, while the worker
+   stays busy until ``run()`` returns and its late result is dropped.
+"""
+import asyncio
+import inspect
+import logging
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+from .breaker import DENY, TRIAL
+from .clock import TimeoutError as _WaitTimeout
+from .config import COMMAND_DEFAULTS, CommandSettings
+from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
+                     ShortCircuited)
+from .events import FAILURE_TYPE_OF, Event, FailureType
+from .registry import component
+
+__all__ = ('Command',)
+
+log = logging.getLogger('blackgate')
+
+_get_running_loop = asyncio._get_running_loop   # public in asyncio.events.__all__; cheap, no raise
+_EAGER = sys.version_info >= (3, 12)
+
+SUCCESS = Event.SUCCESS
+BAD_REQUEST = Event.BAD_REQUEST
+_SUCCESS_ONLY = (SUCCESS,)
+_BAD_REQUEST_ONLY = (BAD_REQUEST,)
+_QUIET_PRIMARY = frozenset((Event.SHORT_CIRCUITED, Event.THREAD_POOL_REJECTED,
+                            Event.SEMAPHORE_REJECTED))
+
+
+class _Runtime:
+    """What the pipeline needs of a command class, resolved once per ``install()``."""
+
+    __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
+                 'timeout', 'run_is_async', 'fallback_is_async', 'has_fallback', 'component')
+
+    def __init__(self, cls: type, registry) -> None:
+        command_key = cls.command_key
+        settings, state, pool = registry.resolve(cls, command_key, _class_values(cls))
+        self.command_key = command_key
+        self.settings: CommandSettings = settings
+        self.state = state
+        self.breaker = state.breaker
+        self.metrics = state.metrics
+        self.pool = pool
+        self.clock = registry.clock
+        self.timeout = settings.timeout if settings.timeout_enabled else None
+        self.run_is_async = inspect.iscoroutinefunction(cls.run)
+        self.fallback_is_async = inspect.iscoroutinefunction(cls.fallback)
+        self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
+        self.component = registry
+
+
+def _class_values(cls: type) -> Dict[str, Any]:
+    """Settings defined on ``cls`` or a class between it and Command: they count as set."""
+    values: Dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is Command:
+            break
+        for name in COMMAND_DEFAULTS:
+            if name not in values and name in vars(klass):
+                values[name] = vars(klass)[name]
+    return values
+
+
+def _runtime(cls: type) -> _Runtime:
+    runtime = component._runtimes.get(cls)
+    if runtime is None:
+        runtime = component._runtimes[cls] = _Runtime(cls, component)
+    return runtime
+
+
+class Command:
+    """Wrap a call to a dependency: subclass it, write ``run()`` and ``fallback()``.
+
+    Settings are class attributes (see the configuration reference); an
+    instance runs once, through ``execute()`` or ``queue()``. The subclass's
+    ``__init__`` need not call ``super().__init__()``.
+    """
+
+    group_key: str = 'default'
+    #: defaults to the class's ``__name__``
+    command_key: str = 'Command'
+    timeout: float = COMMAND_DEFAULTS['timeout']
+    timeout_enabled: bool = True
+    fallback_enabled: bool = True
+    circuit_breaker_enabled: bool = True
+    circuit_breaker_request_volume_threshold: int = \
+        COMMAND_DEFAULTS['circuit_breaker_request_volume_threshold']
+    circuit_breaker_error_threshold_percentage: float = \
+        COMMAND_DEFAULTS['circuit_breaker_error_threshold_percentage']
+    circuit_breaker_sleep_window: float = COMMAND_DEFAULTS['circuit_breaker_sleep_window']
+    circuit_breaker_force_open: bool = False
+    circuit_breaker_force_closed: bool = False
+    metrics_rolling_window: float = COMMAND_DEFAULTS['metrics_rolling_window']
+    metrics_rolling_buckets: int = COMMAND_DEFAULTS['metrics_rolling_buckets']
+    metrics_health_snapshot_interval: float = \
+        COMMAND_DEFAULTS['metrics_health_snapshot_interval']
+    max_concurrent_requests: int = COMMAND_DEFAULTS['max_concurrent_requests']
+    fallback_max_concurrent_requests: int = COMMAND_DEFAULTS['fallback_max_concurrent_requests']
+
+    # Per-execution state. Class-level defaults, so that a subclass __init__ that never
+    # calls super().__init__() still leaves a usable instance.
+    _bg_events: Tuple[Event, ...] = ()
+    _bg_exception: Optional[BaseException] = None
+    _bg_execution_time: Optional[float] = None
+    _bg_decided = False
+
+    _bg_explicit_key = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if 'command_key' in vars(cls):
+            cls._bg_explicit_key = True
+        elif not cls._bg_explicit_key:
+            cls.command_key = cls.__name__
+
+    # -- what subclasses write -------------------------------------------------------
+
+    def run(self) -> Any:
+        """Call the dependency; runs on a worker thread (or on the IOLoop if ``async def``)."""
+        raise NotImplementedError('%s must define run()' % (type(self).__name__,))
+
+    def fallback(self) -> Any:
+        """The answer when ``run()`` fails, times out, is rejected or short-circuited."""
+        raise NotImplementedError  # never called: a command without one has FALLBACK_MISSING
+
+    # -- the drivers -----------------------------------------------------------------
+
+    def execute(self) -> Any:
+        """Run the command on its pool and block until its result (or fallback) is known.
+
+        Raises :class:`CommandError` when it fails with no usable fallback, and
+        :class:`BadRequest` as ``run()`` raised it.
+        """
+        if _get_running_loop() is not None:
+            raise BlackgateError(
+                '%s.execute() was called on the thread of a running IOLoop and would block it; '
+                'use `await %s(...).queue()` (or `yield` it in a gen.coroutine) instead'
+                % (type(self).__name__, type(self).__name__))
+        rt = self._bg_begin()
+        if rt.run_is_async or rt.fallback_is_async:
+            raise BlackgateError(
+                '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
+                % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
+        clock = rt.clock
+        start = clock.monotonic()
+        token = rt.breaker.allow_request()
+        if token == DENY:
+            return self._bg_fail_sync(rt, token, Event.SHORT_CIRCUITED, start, None)
+        future = rt.pool.try_submit(self._bg_work, rt)
+        if future is None:
+            return self._bg_fail_sync(rt, token, Event.THREAD_POOL_REJECTED, start, None)
+        try:
+            if rt.timeout is None:
+                value, error, elapsed = future.result()
+            else:
+                value, error, elapsed = clock.wait_result(future, rt.timeout)
+        except _WaitTimeout:
+            return self._bg_fail_sync(rt, token, Event.TIMEOUT, start,
+                                      clock.monotonic() - start)
+        if error is None:
+            self._bg_finish(rt, token, _SUCCESS_ONLY, start, elapsed, None)
+            return value
+        if isinstance(error, BadRequest):
+            self._bg_finish(rt, token, _BAD_REQUEST_ONLY, start, elapsed, error)
+            raise error
+        return self._bg_fail_sync(rt, token, Event.FAILURE, start, elapsed, error)
+
+    def queue(self) -> 'asyncio.Future[Any]':
+        """Start the command and return a future of its result; never blocks the IOLoop.
+
+        ``await`` it in a coroutine, or ``yield`` it in a ``gen.coroutine``.
+        The future fails with :class:`CommandError` or :class:`BadRequest` as
+        ``execute()`` would raise them.
+        """
+        loop = _get_running_loop()
+        if loop is None:
+            raise BlackgateError(
+                '%s.queue() needs a running IOLoop on this thread; from a plain thread use '
+                '%s(...).execute()' % (type(self).__name__, type(self).__name__))
+        rt = self._bg_begin()
+        self._bg_future = future = loop.create_future()
+        self._bg_start = start = rt.clock.monotonic()
+        self._bg_token = token = rt.breaker.allow_request()
+        if token == DENY:
+            self._bg_fail_async(rt, Event.SHORT_CIRCUITED, None)
+        elif rt.run_is_async:
+            self._bg_start_coroutine(rt, loop)
+        elif rt.pool.try_submit(self._bg_work_then_post, rt, loop) is None:
+            self._bg_fail_async(rt, Event.THREAD_POOL_REJECTED, None)
+        elif rt.timeout is not None:
+            self._bg_timer = rt.clock.call_later(loop, rt.timeout, self._bg_timed_out)
+        return future
+
+    # -- the pipeline's steps --------------------------------------------------------
+
+    def _bg_begin(self) -> _Runtime:
+        marker: list = []
+        if self.__dict__.setdefault('_bg_used', marker) is not marker:
+            raise BlackgateError('this %s instance has already run; a command instance runs '
+                                 'once: create a new one for each call' % (type(self).__name__,))
+        return _runtime(type(self))
+
+    def _bg_work(self, rt: _Runtime) -> Tuple[Any, Optional[BaseException], float]:
+        """On a worker thread: run() and time it."""
+        metrics = rt.metrics
+        monotonic = rt.clock.monotonic
+        metrics.execution_started()
+        started = monotonic()
+        try:
+            value, error = self.run(), None
+        except BaseException as exc:  # handed to the caller, never lost in the pool
+            value, error = None, exc
+        elapsed = monotonic() - started
+        metrics.execution_finished()
+        return value, error, elapsed
+
+    def _bg_work_then_post(self, rt: _Runtime, loop) -> None:
+        outcome = self._bg_work(rt)
+        try:
+            loop.call_soon_threadsafe(self._bg_run_returned, rt, outcome)
+        except RuntimeError:  # the loop was closed while run() was running: nobody waits
+            pass
+
+    def _bg_run_returned(self, rt: _Runtime, outcome) -> None:
+        """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
+        if self._bg_decided:
+            return
+        self._bg_decided = True
+        timer = self.__dict__.get('_bg_timer')
+        if timer is not None:
+            timer.cancel()
+        value, error, elapsed = outcome
+        self._bg_settle_async(rt, value, error, elapsed)
+
+    def _bg_settle_async(self, rt: _Runtime, value: Any, error: Optional[BaseException],
+                         elapsed: float) -> None:
+        future = self._bg_future
+        if error is None:
+            self._bg_finish(rt, self._bg_token, _SUCCESS_ONLY, self._bg_start, elapsed, None)
+            if not future.cancelled():
+                future.set_result(value)
+        elif isinstance(error, BadRequest):
+            self._bg_finish(rt, self._bg_token, _BAD_REQUEST_ONLY, self._bg_start, elapsed,
+                            error)
+            if not future.cancelled():
+                future.set_exception(error)
+        else:
+            self._bg_fail_async(rt, Event.FAILURE, elapsed, error)
+
+    def _bg_timed_out(self) -> None:
+        """On the IOLoop: the timer fired before run() answered."""
+        if self._bg_decided:
+            return
+        self._bg_decided = True
+        rt = _runtime_of(self)
+        task = self.__dict__.get('_bg_task')
+        if task is not None:
+            task.cancel()   # a coroutine, unlike a thread, can be interrupted
+        self._bg_fail_async(rt, Event.TIMEOUT, rt.clock.monotonic() - self._bg_start)
+
+    def _bg_start_coroutine(self, rt: _Runtime, loop) -> None:
+        permits = rt.state.run_permits
+        if not permits.try_acquire():
+            self._bg_fail_async(rt, Event.SEMAPHORE_REJECTED, None)
+            return
+        rt.metrics.execution_started()
+        self._bg_run_started = rt.clock.monotonic()
+        try:
+            coroutine = self.run()
+        except BaseException:
+            permits.release()
+            rt.metrics.execution_finished()
+            raise
+        if _EAGER:
+            task = asyncio.Task(coroutine, loop=loop, eager_start=True)
+        else:
+            task = loop.create_task(coroutine)
+        self._bg_task = task
+        if task.done():
+            self._bg_task_done(task)
+            return
+        task.add_done_callback(self._bg_task_done)
+        if rt.timeout is not None:
+            remaining = rt.timeout - (rt.clock.monotonic() - self._bg_start)
+            self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
+
+    def _bg_task_done(self, task: 'asyncio.Task[Any]') -> None:
+        rt = _runtime_of(self)
+        rt.state.run_permits.release()
+        rt.metrics.execution_finished()
+        if self._bg_decided:
+            if not task.cancelled():
+                task.exception()    # retrieved, so asyncio does not log it as lost
+            return
+        self._bg_decided = True
+        timer = self.__dict__.get('_bg_timer')
+        if timer is not None:
+            timer.cancel()
+        elapsed = rt.clock.monotonic() - self._bg_run_started
+        if task.cancelled():
+            self._bg_fail_async(rt, Event.FAILURE, elapsed, asyncio.CancelledError())
+            return
+        error = task.exception()
+        self._bg_settle_async(rt, None if error is not None else task.result(), error, elapsed)
+
+    # -- fallback --------------------------------------------------------------------
+
+    def _bg_fallback_denied(self, rt: _Runtime, events: list, cause: BaseException
+                            ) -> Optional[CommandError]:
+        """The error to raise if no fallback may run; otherwise None and a permit is held."""
+        primary = events[0]
+        if not rt.has_fallback:
+            events.append(Event.FALLBACK_MISSING)
+            return CommandError(rt.command_key, FAILURE_TYPE_OF[primary], cause, None,
+                                'no fallback is available (FALLBACK_MISSING)')
+        if not rt.state.fallback_permits.try_acquire():
+            events.append(Event.FALLBACK_REJECTION)
+            return CommandError(rt.command_key, FailureType.REJECTED_SEMAPHORE_FALLBACK, cause,
+                                None, 'the fallback was rejected: %d fallbacks already running '
+                                '(FALLBACK_REJECTION)' % (rt.state.fallback_permits.limit,))
+        return None
+
+    def _bg_fallback_failed(self, rt: _Runtime, events: list, cause: BaseException,
+                            error: BaseException) -> CommandError:
+        events.append(Event.FALLBACK_FAILURE)
+        return CommandError(rt.command_key, FAILURE_TYPE_OF[events[0]], cause, error,
+                            'the fallback failed (FALLBACK_FAILURE: %s: %s)'
+                            % (type(error).__name__, error))
+
+    def _bg_fail_sync(self, rt: _Runtime, token: int, event: Event, start: float,
+                      elapsed: Optional[float], error: Optional[BaseException] = None) -> Any:
+        cause = error if error is not None else _cause(rt, event)
+        events = [event]
+        denied = self._bg_fallback_denied(rt, events, cause)
+        if denied is None:
+            try:
+                value = self.fallback()
+            except Exception as exc:
+                denied = self._bg_fallback_failed(rt, events, cause, exc)
+                denied.__cause__ = exc
+            else:
+                events.append(Event.FALLBACK_SUCCESS)
+            finally:
+                rt.state.fallback_permits.release()
+        self._bg_finish(rt, token, events, start, elapsed, cause, denied)
+        if denied is not None:
+            if denied.__cause__ is None:
+                denied.__cause__ = cause
+            raise denied
+        return value
+
+    def _bg_fail_async(self, rt: _Runtime, event: Event, elapsed: Optional[float],
+                       error: Optional[BaseException] = None) -> None:
+        cause = error if error is not None else _cause(rt, event)
+        events = [event]
+        denied = self._bg_fallback_denied(rt, events, cause)
+        if denied is not None:
+            self._bg_resolve(rt, events, elapsed, cause, denied, None)
+            return
+        try:
+            value = self.fallback()
+        except Exception as exc:
+            rt.state.fallback_permits.release()
+            self._bg_resolve(rt, events, elapsed, cause,
+                             self._bg_fallback_failed(rt, events, cause, exc), None, exc)
+            return
+        if not rt.fallback_is_async:
+            rt.state.fallback_permits.release()
+            events.append(Event.FALLBACK_SUCCESS)
+            self._bg_resolve(rt, events, elapsed, cause, None, value)
+            return
+
+        def fallback_done(task: 'asyncio.Future[Any]') -> None:
+            rt.state.fallback_permits.release()
+            exc = None if task.cancelled() else task.exception()
+            if task.cancelled():
+                exc = asyncio.CancelledError()
+            if exc is not None:
+                self._bg_resolve(rt, events, elapsed, cause,
+                                 self._bg_fallback_failed(rt, events, cause, exc), None, exc)
+            else:
+                events.append(Event.FALLBACK_SUCCESS)
+                self._bg_resolve(rt, events, elapsed, cause, None, task.result())
+
+        asyncio.ensure_future(value).add_done_callback(fallback_done)
+
+    def _bg_resolve(self, rt: _Runtime, events: list, elapsed: Optional[float],
+                    cause: BaseException, denied: Optional[CommandError], value: Any,
+                    fallback_error: Optional[BaseException] = None) -> None:
+        if denied is not None and fallback_error is not None:
+            denied.__cause__ = fallback_error
+        elif denied is not None:
+            denied.__cause__ = cause
+        self._bg_finish(rt, self._bg_token, events, self._bg_start, elapsed, cause, denied)
+        future = self._bg_future
+        if future.cancelled():
+            return
+        if denied is not None:
+            future.set_exception(denied)
+        else:
+            future.set_result(value)
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _bg_finish(self, rt: _Runtime, token: int, events, start: float,
+                   elapsed: Optional[float], cause: Optional[BaseException],
+                   error: Optional[CommandError] = None) -> None:
+        """Record the outcome: instance state, metrics, breaker, listeners, one log record."""
+        events = tuple(events)
+        self._bg_events = events
+        self._bg_exception = cause
+        self._bg_execution_time = elapsed
+        total = rt.clock.monotonic() - start
+        if token == TRIAL:
+            # Decide first, so that a successful trial's own success starts the fresh window.
+            rt.breaker.trial_finished(events[0] is SUCCESS)
+            rt.metrics.record(events, elapsed, total)
+        else:
+            rt.metrics.record(events, elapsed, total)
+            if token:
+                rt.breaker.evaluate()
+        if rt.component._listeners:
+            rt.component._emit(rt.command_key, events)
+        if events[0] is not SUCCESS and events[0] is not BAD_REQUEST:
+            _log_failure(rt, events, cause, error)
+
+    # -- what happened (DESIGN.md §5.8) --------------------------------------------------
+
+    @property
+    def events(self) -> Tuple[Event, ...]:
+        """The events of this execution, in order; empty before it ran."""
+        return self._bg_events
+
+    @property
+    def is_successful_execution(self) -> bool:
+        return SUCCESS in self._bg_events
+
+    @property
+    def is_failed_execution(self) -> bool:
+        return Event.FAILURE in self._bg_events
+
+    @property
+    def is_response_from_fallback(self) -> bool:
+        return Event.FALLBACK_SUCCESS in self._bg_events
+
+    @property
+    def is_response_timed_out(self) -> bool:
+        return Event.TIMEOUT in self._bg_events
+
+    @property
+    def is_response_short_circuited(self) -> bool:
+        return Event.SHORT_CIRCUITED in self._bg_events
+
+    @property
+    def is_response_rejected(self) -> bool:
+        events = self._bg_events
+        return Event.THREAD_POOL_REJECTED in events or Event.SEMAPHORE_REJECTED in events
+
+    @property
+    def execution_exception(self) -> Optional[BaseException]:
+        """What made ``run()`` fail: its exception, or the timeout, rejection or short-circuit."""
+        return self._bg_exception
+
+    @property
+    def execution_time(self) -> Optional[float]:
+        """Seconds ``run()`` took (until the timeout, if it timed out); None if it never ran."""
+        return self._bg_execution_time
+
+    @property
+    def is_circuit_breaker_open(self) -> bool:
+        """Whether this command's breaker is open now (True when forced open)."""
+        return _runtime(type(self)).breaker.is_open()
+
+    def __repr__(self) -> str:
+        state = '/'.join(event.value for event in self._bg_events) or 'not run'
+        return '<%s %s %s>' % (type(self).__name__, type(self).command_key, state)
+
+
+def _runtime_of(command: Command) -> _Runtime:
+    return _runtime(type(command))
+
+
+def _cause(rt: _Runtime, event: Event) -> BaseException:
+    key = rt.command_key
+    if event is Event.SHORT_CIRCUITED:
+        if rt.breaker.force_open:
+            return ShortCircuited('%s: circuit breaker forced open' % (key,))
+        return ShortCircuited('%s: circuit breaker is open' % (key,))
+    if event is Event.THREAD_POOL_REJECTED:
+        pool = rt.pool
+        if pool.is_shut_down:
+            return Rejected('%s: executor pool %r is shut down' % (key, pool.group_key))
+        return Rejected('%s: executor pool %r is full (%d workers busy, %d of %d queue slots '
+                        'taken)' % (key, pool.group_key, pool.active_count, pool.queue_size,
+                                    pool.max_queue_size))
+    if event is Event.SEMAPHORE_REJECTED:
+        return Rejected('%s: %d concurrent executions already running (max_concurrent_requests)'
+                        % (key, rt.state.run_permits.limit))
+    return CommandTimeout('%s: run() did not finish within %.3f s' % (key, rt.timeout or 0.0))
+
+
+def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseException],
+                 error: Optional[CommandError]) -> None:
+    primary = events[0]
+    level = logging.INFO if primary in _QUIET_PRIMARY and error is None else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    exc_info = None
+    if primary is Event.FAILURE:
+        exc_info = cause
+    elif error is not None and error.fallback_exception is not None:
+        exc_info = error.fallback_exception
+    log.log(level, '%s %s: %s -> %s', rt.command_key, primary.value,
+            '%s: %s' % (type(cause).__name__, cause) if cause is not None else '-',
+            ', '.join(event.value for event in events[1:]), exc_info=exc_info)

@@ -1,0 +1,253 @@
+"""Settings: the built-in defaults, their validation, and how layers combine.
+
+A command's settings are resolved once per class, from four layers, highest
+first::
+
+    component.add('command', {'command_key': ..., ...})
+    attributes defined on the subclass (or a class between it and Command)
+    component.set('command_defaults', {...})
+    the built-in DEFAULT_* values below
+
+and kept as a frozen :class:`CommandSettings` for the hot path. Every value is
+checked by :func:`check_value`, which raises :class:`~blackgate.ConfigError`
+naming the key, the bad value and what is allowed.
+"""
+import dataclasses
+import difflib
+import math
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+
+from .errors import ConfigError
+
+__all__ = (
+    'CommandSettings',
+    'PoolSettings',
+    'COMMAND_DEFAULTS',
+    'SHARED_PER_KEY',
+    'resolve_command_settings',
+    'check_command_mapping',
+    'check_pool_mapping',
+    'check_value',
+)
+
+#: Seconds before the caller stops waiting and gets the fallback.
+DEFAULT_TIMEOUT = 1.0
+#: Minimum requests in the rolling window before the breaker may trip.
+DEFAULT_REQUEST_VOLUME_THRESHOLD = 20
+#: Error percentage at or above which the breaker trips.
+DEFAULT_ERROR_THRESHOLD_PERCENTAGE = 50
+#: Seconds the breaker stays open before it lets one trial request through.
+DEFAULT_SLEEP_WINDOW = 5.0
+#: Seconds covered by the rolling counters.
+DEFAULT_ROLLING_WINDOW = 10.0
+#: Buckets in the rolling window.
+DEFAULT_ROLLING_BUCKETS = 10
+#: Seconds between breaker re-evaluations; 0 re-evaluates on every completion.
+DEFAULT_HEALTH_SNAPSHOT_INTERVAL = 0.5
+#: Concurrent ``async def run()`` executions allowed per command key.
+DEFAULT_MAX_CONCURRENT_REQUESTS = 10
+#: Concurrent fallbacks allowed per command key.
+DEFAULT_FALLBACK_MAX_CONCURRENT_REQUESTS = 10
+#: Workers of an executor pool.
+DEFAULT_MAX_WORKERS = 10
+#: Waiting slots of an executor pool; 0 rejects as soon as every worker is busy.
+DEFAULT_MAX_QUEUE_SIZE = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandSettings:
+    """The resolved, validated settings of one command class."""
+
+    command_key: str
+    group_key: str = 'default'
+    timeout: float = DEFAULT_TIMEOUT
+    timeout_enabled: bool = True
+    fallback_enabled: bool = True
+    circuit_breaker_enabled: bool = True
+    circuit_breaker_request_volume_threshold: int = DEFAULT_REQUEST_VOLUME_THRESHOLD
+    circuit_breaker_error_threshold_percentage: float = DEFAULT_ERROR_THRESHOLD_PERCENTAGE
+    circuit_breaker_sleep_window: float = DEFAULT_SLEEP_WINDOW
+    circuit_breaker_force_open: bool = False
+    circuit_breaker_force_closed: bool = False
+    metrics_rolling_window: float = DEFAULT_ROLLING_WINDOW
+    metrics_rolling_buckets: int = DEFAULT_ROLLING_BUCKETS
+    metrics_health_snapshot_interval: float = DEFAULT_HEALTH_SNAPSHOT_INTERVAL
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    fallback_max_concurrent_requests: int = DEFAULT_FALLBACK_MAX_CONCURRENT_REQUESTS
+
+    def replace(self, **changes: Any) -> 'CommandSettings':
+        """A validated copy with ``changes`` applied."""
+        for key, value in changes.items():
+            check_value('command %r' % (self.command_key,), key, value)
+        return dataclasses.replace(self, **changes)
+
+    def shared_values(self) -> Tuple[Any, ...]:
+        """The values that every class sharing this command key must agree on."""
+        return tuple(getattr(self, name) for name in SHARED_PER_KEY)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSettings:
+    """The validated settings of one executor pool (bulkhead)."""
+
+    group_key: str
+    max_workers: int = DEFAULT_MAX_WORKERS
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+
+
+#: The built-in value of every command setting except ``command_key``.
+COMMAND_DEFAULTS: Dict[str, Any] = {
+    field.name: field.default
+    for field in dataclasses.fields(CommandSettings) if field.name != 'command_key'
+}
+
+#: Settings that belong to the command key (its breaker, metrics and semaphores)
+#: rather than to one class: classes sharing a key must agree on them.
+SHARED_PER_KEY = tuple(
+    name for name in COMMAND_DEFAULTS
+    if name.startswith(('circuit_breaker_', 'metrics_')) or name.endswith('max_concurrent_requests')
+)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rule(accepts: Callable[[Any], bool], expected: str) -> Tuple[Callable[[Any], bool], str]:
+    return accepts, expected
+
+
+def _boolean():
+    return _rule(lambda v: isinstance(v, bool), 'True or False')
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False):
+    if high != math.inf:
+        expected = 'a number from %g to %g' % (low, high)
+    elif low_open:
+        expected = 'a number greater than %g' % (low,)
+    else:
+        expected = 'a number of at least %g' % (low,)
+    return _rule(lambda v: _is_number(v) and (v > low if low_open else v >= low) and v <= high,
+                 expected)
+
+
+def _integer(low: int, high: int = 2 ** 31 - 1):
+    return _rule(lambda v: _is_int(v) and low <= v <= high,
+                 'a whole number from %d to %d' % (low, high))
+
+
+def _name():
+    return _rule(lambda v: isinstance(v, str) and v.strip() == v and v != '',
+                 'a non-empty string without surrounding spaces')
+
+
+_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    'command_key': _name(),
+    'group_key': _name(),
+    'timeout': _number(0, low_open=True),
+    'timeout_enabled': _boolean(),
+    'fallback_enabled': _boolean(),
+    'circuit_breaker_enabled': _boolean(),
+    'circuit_breaker_request_volume_threshold': _integer(0),
+    'circuit_breaker_error_threshold_percentage': _number(0, 100),
+    'circuit_breaker_sleep_window': _number(0),
+    'circuit_breaker_force_open': _boolean(),
+    'circuit_breaker_force_closed': _boolean(),
+    'metrics_rolling_window': _number(0, low_open=True),
+    'metrics_rolling_buckets': _integer(1, 10_000),
+    'metrics_health_snapshot_interval': _number(0),
+    'max_concurrent_requests': _integer(0),
+    'fallback_max_concurrent_requests': _integer(0),
+    'max_workers': _integer(1, 10_000),
+    'max_queue_size': _integer(0),
+}
+
+_COMMAND_KEYS = ('command_key',) + tuple(COMMAND_DEFAULTS)
+_POOL_KEYS = tuple(field.name for field in dataclasses.fields(PoolSettings))
+
+
+def check_value(owner: str, key: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is allowed for ``key``."""
+    accepts, expected = _RULES[key]
+    if not accepts(value):
+        problem = 'is out of range' if _looks_like(value, expected) else 'has the wrong type'
+        raise ConfigError('%s: %s=%r %s; expected %s' % (owner, key, value, problem, expected))
+
+
+def _looks_like(value: Any, expected: str) -> bool:
+    if 'number' in expected:
+        return _is_number(value) and ('whole' not in expected or _is_int(value))
+    return False
+
+
+def _check_keys(owner: str, mapping: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = ' (did you mean %r?)' % (close[0],) if close else ''
+            raise ConfigError('%s: unknown key %r%s; allowed keys: %s'
+                              % (owner, key, hint, ', '.join(allowed)))
+
+
+def _require_mapping(owner: str, value: Any, example: str) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError('%s: expected a dict, got %s %r; write it as %s'
+                          % (owner, type(value).__name__, value, example))
+
+
+def check_command_mapping(owner: str, value: Any, *, needs_key: bool) -> Dict[str, Any]:
+    """Validate a mapping of command settings and return it as a plain dict.
+
+    ``needs_key``: an override (``add('command', ...)``) names its
+    ``command_key``; ``command_defaults`` must not.
+    """
+    if needs_key:
+        example = "{'command_key': 'get_user', 'timeout': 2.0}"
+    else:
+        example = "{'timeout': 2.0, 'circuit_breaker_sleep_window': 10.0}"
+    _require_mapping(owner, value, example)
+    allowed = _COMMAND_KEYS if needs_key else tuple(COMMAND_DEFAULTS)
+    if not needs_key and 'command_key' in value:
+        raise ConfigError('%s: command_key cannot have a default; name it in '
+                          "component.add('command', {'command_key': ..., ...}) instead" % (owner,))
+    _check_keys(owner, value, allowed)
+    if needs_key and 'command_key' not in value:
+        raise ConfigError('%s: missing command_key; write it as %s' % (owner, example))
+    for key, item in value.items():
+        check_value(owner, key, item)
+    return dict(value)
+
+
+def check_pool_mapping(owner: str, value: Any) -> PoolSettings:
+    """Validate ``add('executor_pool', ...)``'s value and return its settings."""
+    example = "{'group_key': 'service.session', 'max_workers': 10}"
+    _require_mapping(owner, value, example)
+    _check_keys(owner, value, _POOL_KEYS)
+    if 'group_key' not in value:
+        raise ConfigError('%s: missing group_key; write it as %s' % (owner, example))
+    for key, item in value.items():
+        check_value(owner, key, item)
+    return PoolSettings(**value)
+
+
+def resolve_command_settings(command_key: str, class_values: Mapping[str, Any],
+                             defaults: Mapping[str, Any],
+                             overrides: Mapping[str, Any]) -> CommandSettings:
+    """Layer overrides > class attributes > command defaults > built-ins, and validate."""
+    owner = 'command %r' % (command_key,)
+    for key, value in class_values.items():
+        check_value(owner, key, value)
+    values = dict(COMMAND_DEFAULTS)
+    values.update(defaults)
+    values.update(class_values)
+    values.update((k, v) for k, v in overrides.items() if k != 'command_key')
+    return CommandSettings(command_key=command_key, **values)

@@ -1,0 +1,66 @@
+"""The vocabulary of outcomes: events, failure types and breaker states.
+
+Values equal names, as in Hystrix, so they read the same in logs, metrics and
+the Hystrix dashboard.
+"""
+import enum
+
+__all__ = ('Event', 'FailureType', 'BreakerState')
+
+
+class Event(str, enum.Enum):
+    """What happened to one execution; several may apply (``FAILURE`` then ``FALLBACK_SUCCESS``)."""
+
+    SUCCESS = 'SUCCESS'
+    FAILURE = 'FAILURE'
+    TIMEOUT = 'TIMEOUT'
+    SHORT_CIRCUITED = 'SHORT_CIRCUITED'
+    THREAD_POOL_REJECTED = 'THREAD_POOL_REJECTED'
+    SEMAPHORE_REJECTED = 'SEMAPHORE_REJECTED'
+    BAD_REQUEST = 'BAD_REQUEST'
+    FALLBACK_SUCCESS = 'FALLBACK_SUCCESS'
+    FALLBACK_FAILURE = 'FALLBACK_FAILURE'
+    FALLBACK_REJECTION = 'FALLBACK_REJECTION'
+    FALLBACK_MISSING = 'FALLBACK_MISSING'
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FailureType(str, enum.Enum):
+    """Why a command failed, as carried by :class:`~blackgate.CommandError`."""
+
+    COMMAND_EXCEPTION = 'COMMAND_EXCEPTION'
+    TIMEOUT = 'TIMEOUT'
+    SHORTCIRCUIT = 'SHORTCIRCUIT'
+    REJECTED_THREAD_EXECUTION = 'REJECTED_THREAD_EXECUTION'
+    REJECTED_SEMAPHORE_EXECUTION = 'REJECTED_SEMAPHORE_EXECUTION'
+    REJECTED_SEMAPHORE_FALLBACK = 'REJECTED_SEMAPHORE_FALLBACK'
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BreakerState(str, enum.Enum):
+    """The states of a circuit breaker."""
+
+    CLOSED = 'closed'
+    OPEN = 'open'
+    HALF_OPEN = 'half_open'
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The events that count as errors for the circuit breaker (Hystrix 1.5).
+ERROR_EVENTS = frozenset((Event.FAILURE, Event.TIMEOUT, Event.THREAD_POOL_REJECTED,
+                          Event.SEMAPHORE_REJECTED))
+
+#: The failure type that each failing primary event leads to.
+FAILURE_TYPE_OF = {
+    Event.FAILURE: FailureType.COMMAND_EXCEPTION,
+    Event.TIMEOUT: FailureType.TIMEOUT,
+    Event.SHORT_CIRCUITED: FailureType.SHORTCIRCUIT,
+    Event.THREAD_POOL_REJECTED: FailureType.REJECTED_THREAD_EXECUTION,
+    Event.SEMAPHORE_REJECTED: FailureType.REJECTED_SEMAPHORE_EXECUTION,
+}

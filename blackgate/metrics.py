@@ -1,0 +1,213 @@
+"""Rolling metrics: counts per event and latency histograms over a time window.
+
+The window is a ring of buckets, each ``metrics_rolling_window /
+metrics_rolling_buckets`` seconds wide. Recording an execution costs O(1):
+find (or open) the newest bucket, add to a few counters and one histogram bin.
+Buckets older than the window fall off as time passes, so an idle command key
+holds no buckets at all once its window has gone by and it has been read.
+
+Latency is kept in log-linear histograms (16 bins per power of two, so a
+percentile is within about 3% of the true value), bounded in size whatever the
+traffic.
+
+This module knows nothing of circuit breakers: the breaker asks for a
+:meth:`RollingMetrics.health_snapshot` and decides for itself.
+
+.. warning::
+
+   Every method may be called from any thread. The lock guards only counter
+   updates and reads; no user code ever runs under it.
+"""
+import collections
+import math
+import threading
+from typing import Dict, Iterable, List, NamedTuple, Optional
+
+from .events import ERROR_EVENTS, Event
+
+__all__ = ('RollingMetrics', 'HealthCounts')
+
+_EVENTS = tuple(Event)
+_INDEX = {event: i for i, event in enumerate(_EVENTS)}
+_ERROR_INDEXES = tuple(_INDEX[e] for e in ERROR_EVENTS)
+_SUCCESS_INDEX = _INDEX[Event.SUCCESS]
+_SUB_BINS = 32          # mantissa in [0.5, 1) maps to bins 16..31: 16 bins per octave
+_frexp = math.frexp
+
+
+class HealthCounts(NamedTuple):
+    """What the breaker looks at: requests, errors and the error percentage in the window."""
+
+    total_requests: int
+    error_count: int
+    error_percentage: float
+
+
+_NO_HEALTH = HealthCounts(0, 0, 0.0)
+
+
+def _bin(seconds: float) -> int:
+    if seconds <= 0:
+        return -(1 << 30)
+    mantissa, exponent = _frexp(seconds)
+    return exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
+
+
+def _bin_value(key: int) -> float:
+    if key == -(1 << 30):
+        return 0.0
+    exponent, sub = divmod(key, _SUB_BINS)
+    return math.ldexp((sub + 0.5) / _SUB_BINS, exponent)
+
+
+class _Bucket:
+    __slots__ = ('index', 'counts', 'execution', 'total')
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.counts = [0] * len(_EVENTS)
+        self.execution: Dict[int, int] = {}
+        self.total: Dict[int, int] = {}
+
+
+class RollingMetrics:
+    """Rolling counts, latency percentiles and health of one command key."""
+
+    def __init__(self, command_key: str, window: float, buckets: int,
+                 snapshot_interval: float, clock) -> None:
+        self.command_key = command_key
+        self.clock = clock
+        self._window = float(window)
+        self._buckets = int(buckets)
+        self._width = self._window / self._buckets
+        self._interval = float(snapshot_interval)
+        self._lock = threading.Lock()
+        self._ring: 'collections.deque[_Bucket]' = collections.deque()
+        self._concurrent = 0
+        self._snapshot = _NO_HEALTH
+        self._snapshot_due = -math.inf
+
+    # -- recording (hot path) -------------------------------------------------------
+
+    def execution_started(self) -> None:
+        with self._lock:
+            self._concurrent += 1
+
+    def execution_finished(self) -> None:
+        with self._lock:
+            self._concurrent -= 1
+
+    def record(self, events: Iterable[Event], execution_time: Optional[float],
+               total_time: float) -> None:
+        """Count one completed command: its events and, where ``run()`` ran, its latency."""
+        index = int(self.clock.monotonic() // self._width)
+        with self._lock:
+            ring = self._ring
+            if ring and ring[-1].index >= index:
+                bucket = ring[-1]
+            else:
+                bucket = _Bucket(index)
+                ring.append(bucket)
+                oldest = index - self._buckets
+                while ring[0].index <= oldest:
+                    ring.popleft()
+            counts = bucket.counts
+            for event in events:
+                counts[_INDEX[event]] += 1
+            if execution_time is not None:
+                key = _bin(execution_time)
+                bucket.execution[key] = bucket.execution.get(key, 0) + 1
+            key = _bin(total_time)
+            bucket.total[key] = bucket.total.get(key, 0) + 1
+
+    def reset(self) -> None:
+        """Forget every bucket (the breaker does this when it closes)."""
+        with self._lock:
+            self._ring.clear()
+            self._snapshot = _NO_HEALTH
+            self._snapshot_due = -math.inf
+
+    # -- reading --------------------------------------------------------------------
+
+    def _live(self) -> List[_Bucket]:
+        # Caller holds the lock. Drops buckets that fell out of the window.
+        oldest = int(self.clock.monotonic() // self._width) - self._buckets
+        ring = self._ring
+        while ring and ring[0].index <= oldest:
+            ring.popleft()
+        return list(ring)
+
+    def rolling_count(self, event: Event) -> int:
+        """How many times ``event`` happened in the rolling window."""
+        position = _INDEX[Event(event)]
+        with self._lock:
+            return sum(bucket.counts[position] for bucket in self._live())
+
+    def rolling_counts(self) -> Dict[Event, int]:
+        """Every event's count in the rolling window."""
+        with self._lock:
+            live = self._live()
+            return {event: sum(b.counts[i] for b in live) for i, event in enumerate(_EVENTS)}
+
+    def health(self) -> HealthCounts:
+        """Requests, errors and error percentage in the window, as of now."""
+        with self._lock:
+            return self._health()
+
+    def _health(self) -> HealthCounts:
+        errors = successes = 0
+        for bucket in self._live():
+            counts = bucket.counts
+            successes += counts[_SUCCESS_INDEX]
+            for i in _ERROR_INDEXES:
+                errors += counts[i]
+        total = errors + successes
+        return HealthCounts(total, errors, 100.0 * errors / total if total else 0.0)
+
+    def health_snapshot(self) -> HealthCounts:
+        """The health as of the last snapshot, refreshed every ``snapshot_interval``."""
+        now = self.clock.monotonic()
+        if now < self._snapshot_due:
+            return self._snapshot
+        with self._lock:
+            if now >= self._snapshot_due:
+                self._snapshot = self._health()
+                self._snapshot_due = now + self._interval
+            return self._snapshot
+
+    def latency_percentile(self, percentile: float) -> float:
+        """Execution time of ``run()`` at ``percentile`` (0 to 100) in the window, in seconds."""
+        return self._percentile('execution', percentile)
+
+    def total_latency_percentile(self, percentile: float) -> float:
+        """Time from call to answer (fallback included) at ``percentile``, in seconds."""
+        return self._percentile('total', percentile)
+
+    def _percentile(self, which: str, percentile: float) -> float:
+        if not 0 <= percentile <= 100:
+            raise ValueError('percentile must be from 0 to 100, got %r' % (percentile,))
+        merged: Dict[int, int] = {}
+        with self._lock:
+            for bucket in self._live():
+                for key, count in getattr(bucket, which).items():
+                    merged[key] = merged.get(key, 0) + count
+        total = sum(merged.values())
+        if not total:
+            return 0.0
+        rank = max(1, math.ceil(total * percentile / 100.0))
+        seen = 0
+        for key in sorted(merged):
+            seen += merged[key]
+            if seen >= rank:
+                return _bin_value(key)
+        return _bin_value(max(merged))  # pragma: no cover - rank <= total
+
+    @property
+    def concurrent_executions(self) -> int:
+        """How many ``run()`` calls of this key are executing right now."""
+        return self._concurrent
+
+    def __repr__(self) -> str:
+        health = self.health()
+        return '<RollingMetrics %s %d requests %d errors>' % (
+            self.command_key, health.total_requests, health.error_count)

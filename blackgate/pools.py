@@ -1,0 +1,130 @@
+"""Bulkheads: executor pools and permit counters that admit now or reject.
+
+A stock ``ThreadPoolExecutor`` queues without bound, so it cannot protect a
+service from a slow dependency. :class:`ExecutorPool` counts its in-flight
+work itself and refuses at once when ``max_workers`` are busy and
+``max_queue_size`` are waiting, the way ``tornado.queues.Queue.put_nowait``
+raises ``QueueFull``. :class:`Permits` does the same for ``async def run()``
+commands and for fallbacks, which run on the IOLoop and need no thread.
+
+.. warning::
+
+   Admission and release may happen on any thread; the lock guards only the
+   counters, never the work itself.
+"""
+import concurrent.futures
+import threading
+from typing import Any, Callable, Optional
+
+from .config import PoolSettings
+
+__all__ = ('ExecutorPool', 'Permits')
+
+
+class Permits:
+    """A non-blocking counting semaphore: ``try_acquire()`` is True or False at once."""
+
+    __slots__ = ('limit', '_in_use', '_lock', 'rejected')
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._in_use = 0
+        self._lock = threading.Lock()
+        #: how many acquisitions were refused since creation
+        self.rejected = 0
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self._in_use >= self.limit:
+                self.rejected += 1
+                return False
+            self._in_use += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._in_use -= 1
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def __repr__(self) -> str:
+        return '<Permits %d/%d>' % (self._in_use, self.limit)
+
+
+class ExecutorPool:
+    """The thread pool of one ``group_key``, with fail-fast admission."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.group_key = settings.group_key
+        self.max_workers = settings.max_workers
+        self.max_queue_size = settings.max_queue_size
+        self._capacity = settings.max_workers + settings.max_queue_size
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._largest = 0
+        #: runs finished since the pool started
+        self.completed_count = 0
+        #: submissions refused since the pool started
+        self.rejected_count = 0
+        #: True once shutdown() was called: every submission is refused
+        self.is_shut_down = False
+
+    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[concurrent.futures.Future]:
+        """Run ``fn(*args)`` on a worker, or return None at once if the pool is full."""
+        with self._lock:
+            if self._in_flight >= self._capacity:
+                self.rejected_count += 1
+                return None
+            self._in_flight += 1
+            if self._in_flight > self._largest:
+                self._largest = self._in_flight
+        try:
+            return self._executor.submit(self._work, fn, args)
+        except RuntimeError:  # shut down: refuse like a full pool
+            with self._lock:
+                self._in_flight -= 1
+                self.rejected_count += 1
+            return None
+
+    def _work(self, fn: Callable[..., Any], args: tuple) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.completed_count += 1
+
+    @property
+    def in_flight(self) -> int:
+        """Work admitted and not finished: running plus waiting."""
+        return self._in_flight
+
+    @property
+    def active_count(self) -> int:
+        """Workers busy right now (a timed-out ``run()`` keeps its worker busy)."""
+        return min(self._in_flight, self.max_workers)
+
+    @property
+    def queue_size(self) -> int:
+        """Work waiting for a worker."""
+        return max(0, self._in_flight - self.max_workers)
+
+    @property
+    def largest_active_count(self) -> int:
+        """The most workers ever busy at once."""
+        return min(self._largest, self.max_workers)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Refuse new work; with ``wait``, return when running and queued work has finished."""
+        self.is_shut_down = True
+        self._executor.shutdown(wait=wait)
+
+    def __repr__(self) -> str:
+        return '<ExecutorPool %s %d/%d active, %d/%d queued>' % (
+            self.group_key, self.active_count, self.max_workers, self.queue_size,
+            self.max_queue_size)

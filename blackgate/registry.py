@@ -1,0 +1,367 @@
+"""The registry: configuration, executor pools, and per-key breakers and metrics.
+
+``component`` is the process-wide :class:`Component`. Configure it, then
+``install()``::
+
+    component.add('executor_pool', {'group_key': 'service.session', 'max_workers': 10})
+    component.add('command', {'command_key': 'get_current_user', 'timeout': 2.0})
+    component.set('command_defaults', {'circuit_breaker_sleep_window': 10.0})
+    component.install()
+
+A command class's settings are resolved once, on its first use, and kept
+until the next ``install()``, which validates everything, starts new pools
+and applies changed settings to the commands already in use.
+
+.. warning::
+
+   Configuration methods take a lock and may be called from any thread, but
+   are meant for start-up and tests. The command hot path reads the registry
+   without locking.
+"""
+import logging
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from .breaker import CircuitBreaker
+from .clock import SystemClock
+from .config import (CommandSettings, PoolSettings, SHARED_PER_KEY, check_command_mapping,
+                     check_pool_mapping, resolve_command_settings)
+from .errors import BlackgateError, ConfigError, PoolNotRegistered
+from .events import BreakerState, Event
+from .metrics import RollingMetrics
+from .pools import ExecutorPool, Permits
+
+__all__ = ('Component', 'component', 'KeyState')
+
+log = logging.getLogger('blackgate')
+
+DEFAULT_GROUP = 'default'
+_SET_KEYS = ('command_defaults',)
+_ADD_KEYS = ('executor_pool', 'command')
+_LISTENER_METHODS = ('on_event', 'on_state_change')
+
+
+class KeyState:
+    """Everything one command key owns: settings, breaker, metrics and permits."""
+
+    __slots__ = ('settings', 'breaker', 'metrics', 'run_permits', 'fallback_permits', 'owner')
+
+    def __init__(self, settings: CommandSettings, owner: str, clock,
+                 notify: Callable[[str, BreakerState, BreakerState], None]) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.metrics = _new_metrics(settings, clock)
+        self.breaker = CircuitBreaker(settings, self.metrics, clock, notify)
+        self.run_permits = Permits(settings.max_concurrent_requests)
+        self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
+
+    def apply(self, settings: CommandSettings, clock) -> None:
+        """Take new settings; the window is rebuilt (and its counts lost) only if its shape changed."""
+        old = self.settings
+        self.settings = settings
+        if (old.metrics_rolling_window, old.metrics_rolling_buckets,
+                old.metrics_health_snapshot_interval) != (
+                settings.metrics_rolling_window, settings.metrics_rolling_buckets,
+                settings.metrics_health_snapshot_interval):
+            self.metrics = _new_metrics(settings, clock)
+            self.breaker.metrics = self.metrics
+        self.breaker.settings = settings
+        self.run_permits.limit = settings.max_concurrent_requests
+        self.fallback_permits.limit = settings.fallback_max_concurrent_requests
+
+
+def _new_metrics(settings: CommandSettings, clock) -> RollingMetrics:
+    return RollingMetrics(settings.command_key, settings.metrics_rolling_window,
+                          settings.metrics_rolling_buckets,
+                          settings.metrics_health_snapshot_interval, clock)
+
+
+class Component:
+    """A registry of configuration, pools, breakers and metrics.
+
+    ``blackgate.component`` is the one commands use; build another only to
+    inspect configuration in isolation.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._clock: Any = SystemClock()
+        self._listeners: Tuple[Any, ...] = ()
+        self._session = None
+        self._forget()
+
+    def _forget(self) -> None:
+        self._defaults: Dict[str, Any] = {}
+        self._overrides: Dict[str, Dict[str, Any]] = {}
+        self._pool_settings: Dict[str, PoolSettings] = {}
+        self._pools: Dict[str, ExecutorPool] = {}
+        self._keys: Dict[str, KeyState] = {}
+        # class -> (command_key, class attribute values): what install() re-resolves
+        self._classes: Dict[type, Tuple[str, Dict[str, Any]]] = {}
+        #: class -> the command module's resolved runtime (the hot path's one lookup)
+        self._runtimes: Dict[type, Any] = {}
+
+    # -- configuration ---------------------------------------------------------------
+
+    def set(self, key: str, value: Any) -> None:
+        """Store a setting: ``'command_defaults'`` (a dict of command settings)."""
+        if key not in _SET_KEYS:
+            hint = ("; use component.add(%r, ...) for that" % (key,)) if key in _ADD_KEYS else ''
+            raise ConfigError('component.set(%r, ...): unknown key%s; set() takes %s'
+                              % (key, hint, ', '.join(map(repr, _SET_KEYS))))
+        checked = check_command_mapping("component.set('command_defaults', ...)", value,
+                                        needs_key=False)
+        with self._lock:
+            self._defaults = checked
+
+    def add(self, key: str, value: Any) -> None:
+        """Add an ``'executor_pool'`` or a ``'command'`` override; applied by ``install()``."""
+        owner = 'component.add(%r, ...)' % (key,)
+        if key == 'executor_pool':
+            settings = check_pool_mapping(owner, value)
+            with self._lock:
+                self._pool_settings[settings.group_key] = settings
+        elif key == 'command':
+            checked = check_command_mapping(owner, value, needs_key=True)
+            with self._lock:
+                self._overrides.setdefault(checked['command_key'], {}).update(checked)
+        else:
+            hint = ("; use component.set(%r, ...) for that" % (key,)) if key in _SET_KEYS else ''
+            raise ConfigError('%s: unknown key%s; add() takes %s'
+                              % (owner, hint, ', '.join(map(repr, _ADD_KEYS))))
+
+    def delete(self, key: str) -> None:
+        """Forget what ``set(key, ...)`` stored; a key never set is a no-op."""
+        if key not in _SET_KEYS:
+            raise ConfigError('component.delete(%r): unknown key; delete() takes %s'
+                              % (key, ', '.join(map(repr, _SET_KEYS))))
+        with self._lock:
+            self._defaults = {}
+
+    def install(self) -> None:
+        """Validate the configuration, start new pools and apply settings (idempotent)."""
+        with self._lock:
+            resolved = {cls: self._resolve(cls, key, values)
+                        for cls, (key, values) in self._classes.items()}
+            self._check_agreement(resolved)
+            for group_key, settings in self._pool_settings.items():
+                self._start_pool(settings)
+            self._pool_for(DEFAULT_GROUP)
+            for cls, settings in resolved.items():
+                state = self._keys.get(settings.command_key)
+                if state is not None:
+                    state.apply(settings, self._clock)
+            self._runtimes.clear()
+
+    def shutdown(self) -> None:
+        """Stop every pool, waiting for running and queued work; ``install()`` starts them again."""
+        with self._lock:
+            pools = list(self._pools.values())
+            self._runtimes.clear()
+        for pool in pools:
+            pool.shutdown(wait=True)
+
+    def reset(self) -> None:
+        """Shut down, then forget all configuration, pools, breakers, metrics and listeners.
+
+        The clock goes back to the system clock. Meant for tests.
+        """
+        self.shutdown()
+        with self._lock:
+            self._forget()
+            self._clock = SystemClock()
+            self._listeners = ()
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    # -- what commands and users look up ----------------------------------------------
+
+    def circuit_breaker(self, command_key: str) -> CircuitBreaker:
+        """The circuit breaker of ``command_key``."""
+        return self._key_state(command_key).breaker
+
+    def metrics(self, command_key: str) -> RollingMetrics:
+        """The rolling metrics of ``command_key``."""
+        return self._key_state(command_key).metrics
+
+    def pool(self, group_key: str) -> ExecutorPool:
+        """The executor pool of ``group_key``."""
+        with self._lock:
+            return self._pool_for(group_key)
+
+    @property
+    def command_keys(self) -> List[str]:
+        """Every command key that has run or been resolved, sorted."""
+        return sorted(self._keys)
+
+    @property
+    def pools(self) -> Dict[str, ExecutorPool]:
+        """The running pools by group key."""
+        return dict(self._pools)
+
+    def _key_state(self, command_key: str) -> KeyState:
+        try:
+            return self._keys[command_key]
+        except KeyError:
+            known = ', '.join(map(repr, sorted(self._keys))) or 'none yet'
+            raise BlackgateError('no command with command_key %r has run yet (known: %s); '
+                                 'its breaker and metrics exist from its first execute() '
+                                 'or queue()' % (command_key, known)) from None
+
+    # -- the clock ---------------------------------------------------------------------
+
+    @property
+    def clock(self):
+        """The clock every time read goes through; tests set a ``FakeClock``."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock) -> None:
+        for name in ('monotonic', 'wall', 'call_later', 'wait_result'):
+            if not callable(getattr(clock, name, None)):
+                raise ConfigError('component.clock: %r has no %s() method; use '
+                                  'blackgate.clock.SystemClock or blackgate.testing.FakeClock'
+                                  % (clock, name))
+        with self._lock:
+            self._clock = clock
+            for state in self._keys.values():
+                state.metrics.clock = clock
+                state.breaker.clock = clock
+            self._runtimes.clear()
+
+    # -- listeners ---------------------------------------------------------------------
+
+    def add_listener(self, listener: Any) -> None:
+        """Call ``listener.on_event(command_key, event)`` and ``on_state_change(command_key, old, new)``."""
+        if not any(callable(getattr(listener, name, None)) for name in _LISTENER_METHODS):
+            raise TypeError('a listener needs an on_event(command_key, event) or an '
+                            'on_state_change(command_key, old, new) method; got %r' % (listener,))
+        with self._lock:
+            self._listeners += (listener,)
+
+    def remove_listener(self, listener: Any) -> None:
+        """Stop calling ``listener``; one never added is a no-op."""
+        with self._lock:
+            self._listeners = tuple(item for item in self._listeners if item is not listener)
+
+    def _emit(self, command_key: str, events: Iterable[Event]) -> None:
+        for listener in self._listeners:
+            on_event = getattr(listener, 'on_event', None)
+            if on_event is not None:
+                for event in events:
+                    _call_listener(on_event, command_key, event)
+
+    def _state_changed(self, command_key: str, old: BreakerState, new: BreakerState) -> None:
+        for listener in self._listeners:
+            on_state_change = getattr(listener, 'on_state_change', None)
+            if on_state_change is not None:
+                _call_listener(on_state_change, command_key, old, new)
+
+    # -- the shared HTTP session --------------------------------------------------------
+
+    @property
+    def session(self):
+        """The ``requests.Session`` shared by ``HTTPProxyCommand``s."""
+        with self._lock:
+            if self._session is None:
+                self._session = _new_session(max(
+                    [10] + [pool.max_workers for pool in self._pools.values()]))
+            return self._session
+
+    # -- resolution (called by the command module) -------------------------------------
+
+    def resolve(self, cls: type, command_key: str,
+                class_values: Mapping[str, Any]) -> Tuple[CommandSettings, KeyState,
+                                                           ExecutorPool]:
+        """Settings, key state and pool of a command class; remembered for ``install()``."""
+        with self._lock:
+            settings = self._resolve(cls, command_key, class_values)
+            state = self._keys.get(command_key)
+            if state is None:
+                state = KeyState(settings, cls.__qualname__, self._clock, self._state_changed)
+                self._keys[command_key] = state
+            else:
+                _check_same_key(state.owner, state.settings, cls.__qualname__, settings)
+            pool = self._pool_for(settings.group_key)
+            self._classes[cls] = (command_key, dict(class_values))
+            return settings, state, pool
+
+    def _resolve(self, cls: type, command_key: str,
+                 class_values: Mapping[str, Any]) -> CommandSettings:
+        return resolve_command_settings(command_key, class_values, self._defaults,
+                                        self._overrides.get(command_key, {}))
+
+    def _check_agreement(self, resolved: Mapping[type, CommandSettings]) -> None:
+        first: Dict[str, Tuple[str, CommandSettings]] = {}
+        for cls, settings in resolved.items():
+            seen = first.setdefault(settings.command_key, (cls.__qualname__, settings))
+            _check_same_key(seen[0], seen[1], cls.__qualname__, settings)
+
+    def _pool_for(self, group_key: str) -> ExecutorPool:
+        pool = self._pools.get(group_key)
+        if pool is not None:
+            return pool
+        if group_key == DEFAULT_GROUP:
+            return self._start_pool(self._pool_settings.get(DEFAULT_GROUP)
+                                    or PoolSettings(DEFAULT_GROUP))
+        registered = sorted(set(self._pools) | {DEFAULT_GROUP})
+        if group_key in self._pool_settings:
+            raise PoolNotRegistered('executor pool %r was added but not installed; call '
+                                    'component.install()' % (group_key,))
+        raise PoolNotRegistered(
+            "no executor pool for group_key %r (registered: %s); add it with "
+            "component.add('executor_pool', {'group_key': %r}), then component.install()"
+            % (group_key, ', '.join(map(repr, registered)), group_key))
+
+    def _start_pool(self, settings: PoolSettings) -> ExecutorPool:
+        old = self._pools.get(settings.group_key)
+        if old is not None and old.settings == settings and not old.is_shut_down:
+            return old
+        pool = self._pools[settings.group_key] = ExecutorPool(settings)
+        if old is not None:
+            old.shutdown(wait=False)
+        return pool
+
+    def __repr__(self) -> str:
+        return '<Component %d pools, %d command keys>' % (len(self._pools), len(self._keys))
+
+
+def _check_same_key(owner: str, settings: CommandSettings, other_owner: str,
+                    other: CommandSettings) -> None:
+    if settings.shared_values() == other.shared_values():
+        return
+    for name in SHARED_PER_KEY:
+        if getattr(settings, name) != getattr(other, name):
+            raise ConfigError(
+                'command_key %r is shared by %s and %s, which disagree on %s (%r and %r); '
+                'a command key has one breaker and one set of metrics, so give them the '
+                'same value or different command keys'
+                % (settings.command_key, owner, other_owner, name, getattr(settings, name),
+                   getattr(other, name)))
+
+
+def _call_listener(method: Callable[..., Any], *args: Any) -> None:
+    try:
+        method(*args)
+    except Exception:
+        log.exception('blackgate listener %r raised; ignored', method)
+
+
+def _new_session(pool_size: int):
+    import http.cookiejar
+
+    import requests
+    import requests.adapters
+
+    session = requests.Session()
+    session.trust_env = False   # no proxy or netrc settings from the environment
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+    session.mount('http://', adapter)
+    session.mount('https://', adapter)
+    return session
+
+
+#: The registry that commands use.
+component = Component()
