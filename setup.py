@@ -1,0 +1,75 @@
+import io
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.abspath(os.path.dirname(__file__))
+
+
+def read(*parts):
+    with io.open(os.path.join(HERE, *parts), encoding='utf-8') as f:
+        return f.read()
+
+
+def find_version():
+    # Read the version without importing the package: its dependencies
+    # may not be installed yet when setup.py runs.
+    match = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""",
+                      read('blackgate', '__init__.py'), re.MULTILINE)
+    if not match:
+        raise RuntimeError('__version__ not found in blackgate/__init__.py')
+    return match.group(1)
+
+
+setup(
+    name='blackgate',
+    version=find_version(),
+    description='Hystrix-style latency and fault tolerance for Tornado: '
+                'bulkheads, timeouts, circuit breakers and fallbacks.',
+    long_description=read('README.rst'),
+    long_description_content_type='text/x-rst',
+    author='The Blackgate authors',
+    license='MIT',
+    packages=find_packages(exclude=['tests', 'tests.*', 'examples', 'examples.*',
+                                    'benchmarks', 'benchmarks.*']),
+    package_data={'blackgate': ['py.typed']},
+    include_package_data=True,
+    zip_safe=False,
+    python_requires='>=3.9',
+    install_requires=[
+        'tornado>=6.1',
+        'requests',
+    ],
+    extras_require={
+        'test': [
+            'pytest<10',
+            'pytest-tornado',
+            'hypothesis',
+            # pytest-tornado 0.8.1 imports pkg_resources, which setuptools 82
+            # removed; venvs of Python 3.12+ get the newest setuptools.
+            'setuptools<82',
+        ],
+        'prometheus': ['prometheus-client'],
+        'redis': ['redis'],
+        'docs': ['sphinx'],
+    },
+    classifiers=[
+        'Development Status :: 3 - Alpha',
+        'Intended Audience :: Developers',
+        'Operating System :: OS Independent',
+        'Framework :: Tornado',
+        'Programming Language :: Python',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
+        'Programming Language :: Python :: 3.9',
+        'Programming Language :: Python :: 3.10',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+        'Programming Language :: Python :: 3.13',
+        'Topic :: Internet :: WWW/HTTP',
+        'Topic :: Software Development :: Libraries :: Python Modules',
+        'Topic :: System :: Networking',
+        'Typing :: Typed',
+    ],
+)
