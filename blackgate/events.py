@@ -26,6 +26,9 @@ class Event(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    # Enum hashes members in Python; the value's own hash is the same number, in C.
+    __hash__ = str.__hash__
+
 
 class FailureType(str, enum.Enum):
     """Why a command failed, as carried by :class:`~blackgate.CommandError`."""
@@ -40,6 +43,9 @@ class FailureType(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    # Enum hashes members in Python; the value's own hash is the same number, in C.
+    __hash__ = str.__hash__
+
 
 class BreakerState(str, enum.Enum):
     """The states of a circuit breaker."""
@@ -50,6 +56,9 @@ class BreakerState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    # Enum hashes members in Python; the value's own hash is the same number, in C.
+    __hash__ = str.__hash__
 
 
 #: The events that count as errors for the circuit breaker (Hystrix 1.5).

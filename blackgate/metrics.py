@@ -21,7 +21,7 @@ This module knows nothing of circuit breakers: the breaker asks for a
 import collections
 import math
 import threading
-from typing import Dict, Iterable, List, NamedTuple, Optional
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .events import ERROR_EVENTS, Event
 
@@ -46,15 +46,13 @@ class HealthCounts(NamedTuple):
 _NO_HEALTH = HealthCounts(0, 0, 0.0)
 
 
-def _bin(seconds: float) -> int:
-    if seconds <= 0:
-        return -(1 << 30)
-    mantissa, exponent = _frexp(seconds)
-    return exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
+_ZERO_BIN = -(1 << 30)
+# events tuple -> positions in a bucket's counts; outcomes are few, so this stays tiny
+_POSITIONS: Dict[Tuple[Event, ...], Tuple[int, ...]] = {}
 
 
 def _bin_value(key: int) -> float:
-    if key == -(1 << 30):
+    if key == _ZERO_BIN:
         return 0.0
     exponent, sub = divmod(key, _SUB_BINS)
     return math.ldexp((sub + 0.5) / _SUB_BINS, exponent)
@@ -83,23 +81,39 @@ class RollingMetrics:
         self._interval = float(snapshot_interval)
         self._lock = threading.Lock()
         self._ring: 'collections.deque[_Bucket]' = collections.deque()
-        self._concurrent = 0
+        self._running: List[None] = []   # one item per run() in progress
         self._snapshot = _NO_HEALTH
         self._snapshot_due = -math.inf
 
     # -- recording (hot path) -------------------------------------------------------
 
     def execution_started(self) -> None:
-        with self._lock:
-            self._concurrent += 1
+        # list.append and list.pop are atomic: no lock on the worker thread.
+        self._running.append(None)
 
     def execution_finished(self) -> None:
-        with self._lock:
-            self._concurrent -= 1
+        self._running.pop()
 
     def record(self, events: Iterable[Event], execution_time: Optional[float],
                total_time: float) -> None:
         """Count one completed command: its events and, where ``run()`` ran, its latency."""
+        positions = _POSITIONS.get(events)
+        if positions is None:
+            positions = tuple(_INDEX[event] for event in events)
+            if len(_POSITIONS) < 4096:
+                _POSITIONS[tuple(events)] = positions
+        if execution_time is None:
+            execution_key = None
+        elif execution_time > 0:
+            mantissa, exponent = _frexp(execution_time)
+            execution_key = exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
+        else:
+            execution_key = _ZERO_BIN
+        if total_time > 0:
+            mantissa, exponent = _frexp(total_time)
+            total_key = exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
+        else:
+            total_key = _ZERO_BIN
         index = int(self.clock.monotonic() // self._width)
         with self._lock:
             ring = self._ring
@@ -112,13 +126,13 @@ class RollingMetrics:
                 while ring[0].index <= oldest:
                     ring.popleft()
             counts = bucket.counts
-            for event in events:
-                counts[_INDEX[event]] += 1
-            if execution_time is not None:
-                key = _bin(execution_time)
-                bucket.execution[key] = bucket.execution.get(key, 0) + 1
-            key = _bin(total_time)
-            bucket.total[key] = bucket.total.get(key, 0) + 1
+            for position in positions:
+                counts[position] += 1
+            if execution_key is not None:
+                histogram = bucket.execution
+                histogram[execution_key] = histogram.get(execution_key, 0) + 1
+            histogram = bucket.total
+            histogram[total_key] = histogram.get(total_key, 0) + 1
 
     def reset(self) -> None:
         """Forget every bucket (the breaker does this when it closes)."""
@@ -205,7 +219,7 @@ class RollingMetrics:
     @property
     def concurrent_executions(self) -> int:
         """How many ``run()`` calls of this key are executing right now."""
-        return self._concurrent
+        return len(self._running)
 
     def __repr__(self) -> str:
         health = self.health()

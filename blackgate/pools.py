@@ -14,7 +14,7 @@ commands and for fallbacks, which run on the IOLoop and need no thread.
 """
 import concurrent.futures
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from .config import PoolSettings
 
@@ -65,10 +65,11 @@ class ExecutorPool:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
         self._lock = threading.Lock()
-        self._in_flight = 0
+        # One item per admitted, unfinished run. Only admission (under the lock) grows it;
+        # a worker shrinks it with an atomic pop, so the bound holds without a lock there.
+        self._in_flight: List[None] = []
+        self._admitted = 0
         self._largest = 0
-        #: runs finished since the pool started
-        self.completed_count = 0
         #: submissions refused since the pool started
         self.rejected_count = 0
         #: True once shutdown() was called: every submission is refused
@@ -76,18 +77,21 @@ class ExecutorPool:
 
     def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[concurrent.futures.Future]:
         """Run ``fn(*args)`` on a worker, or return None at once if the pool is full."""
+        in_flight = self._in_flight
         with self._lock:
-            if self._in_flight >= self._capacity:
+            if len(in_flight) >= self._capacity:
                 self.rejected_count += 1
                 return None
-            self._in_flight += 1
-            if self._in_flight > self._largest:
-                self._largest = self._in_flight
+            in_flight.append(None)
+            self._admitted += 1
+            if len(in_flight) > self._largest:
+                self._largest = len(in_flight)
         try:
             return self._executor.submit(self._work, fn, args)
         except RuntimeError:  # shut down: refuse like a full pool
             with self._lock:
-                self._in_flight -= 1
+                in_flight.pop()
+                self._admitted -= 1
                 self.rejected_count += 1
             return None
 
@@ -95,24 +99,28 @@ class ExecutorPool:
         try:
             return fn(*args)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                self.completed_count += 1
+            self._in_flight.pop()
 
     @property
     def in_flight(self) -> int:
         """Work admitted and not finished: running plus waiting."""
-        return self._in_flight
+        return len(self._in_flight)
+
+    @property
+    def completed_count(self) -> int:
+        """Runs finished since the pool started."""
+        with self._lock:
+            return self._admitted - len(self._in_flight)
 
     @property
     def active_count(self) -> int:
         """Workers busy right now (a timed-out ``run()`` keeps its worker busy)."""
-        return min(self._in_flight, self.max_workers)
+        return min(len(self._in_flight), self.max_workers)
 
     @property
     def queue_size(self) -> int:
         """Work waiting for a worker."""
-        return max(0, self._in_flight - self.max_workers)
+        return max(0, len(self._in_flight) - self.max_workers)
 
     @property
     def largest_active_count(self) -> int:

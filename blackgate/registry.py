@@ -46,7 +46,7 @@ class KeyState:
 
     __slots__ = ('settings', 'breaker', 'metrics', 'run_permits', 'fallback_permits', 'owner')
 
-    def __init__(self, settings: CommandSettings, owner: str, clock,
+    def __init__(self, settings: CommandSettings, owner: Optional[str], clock,
                  notify: Callable[[str, BreakerState, BreakerState], None]) -> None:
         self.settings = settings
         self.owner = owner
@@ -151,6 +151,9 @@ class Component:
                 state = self._keys.get(settings.command_key)
                 if state is not None:
                     state.apply(settings, self._clock)
+            for command_key, state in self._keys.items():
+                if state.owner is None:   # looked up, never run: follow the configuration
+                    state.apply(self._resolve(None, command_key, {}), self._clock)
             self._runtimes.clear()
 
     def shutdown(self) -> None:
@@ -201,13 +204,22 @@ class Component:
         return dict(self._pools)
 
     def _key_state(self, command_key: str) -> KeyState:
-        try:
-            return self._keys[command_key]
-        except KeyError:
-            known = ', '.join(map(repr, sorted(self._keys))) or 'none yet'
-            raise BlackgateError('no command with command_key %r has run yet (known: %s); '
-                                 'its breaker and metrics exist from its first execute() '
-                                 'or queue()' % (command_key, known)) from None
+        state = self._keys.get(command_key)
+        if state is not None:
+            return state
+        if not isinstance(command_key, str) or not command_key:
+            raise BlackgateError('command_key must be a non-empty string, got %r'
+                                 % (command_key,))
+        with self._lock:
+            state = self._keys.get(command_key)
+            if state is None:
+                # Looked up before any class with this key ran: build it from the
+                # configuration; the first class to run takes it over (see resolve()).
+                settings = resolve_command_settings(command_key, {}, self._defaults,
+                                                    self._overrides.get(command_key, {}))
+                state = KeyState(settings, None, self._clock, self._state_changed)
+                self._keys[command_key] = state
+            return state
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -281,13 +293,16 @@ class Component:
             if state is None:
                 state = KeyState(settings, cls.__qualname__, self._clock, self._state_changed)
                 self._keys[command_key] = state
+            elif state.owner is None:
+                state.owner = cls.__qualname__
+                state.apply(settings, self._clock)
             else:
                 _check_same_key(state.owner, state.settings, cls.__qualname__, settings)
             pool = self._pool_for(settings.group_key)
             self._classes[cls] = (command_key, dict(class_values))
             return settings, state, pool
 
-    def _resolve(self, cls: type, command_key: str,
+    def _resolve(self, cls: Optional[type], command_key: str,
                  class_values: Mapping[str, Any]) -> CommandSettings:
         return resolve_command_settings(command_key, class_values, self._defaults,
                                         self._overrides.get(command_key, {}))
