@@ -5,12 +5,18 @@ bounded pool with a timeout, counts outcomes in rolling windows, opens a
 circuit breaker when the dependency is sick, and answers from the command's
 ``fallback()``.
 """
+import logging
+
 from .command import Command
 from .errors import BadRequest, BlackgateError, CommandError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event, FailureType
 from .registry import Component, component
 
 __version__ = '0.2.0.dev0'
+
+# A library logs; the application decides where records go (and nothing reaches
+# stderr through logging.lastResort when it has not configured logging).
+logging.getLogger('blackgate').addHandler(logging.NullHandler())
 
 __all__ = (
     'Command',

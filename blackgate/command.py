@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .breaker import DENY, TRIAL
 from .clock import TimeoutError as _WaitTimeout
-from .config import COMMAND_DEFAULTS, CommandSettings
+from .config import COMMAND_DEFAULTS, CommandSettings, check_value
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
@@ -52,6 +52,7 @@ class _Runtime:
 
     def __init__(self, cls: type, registry) -> None:
         command_key = cls.command_key
+        check_value('command class %s' % (cls.__qualname__,), 'command_key', command_key)
         settings, state, pool = registry.resolve(cls, command_key, _class_values(cls))
         self.command_key = command_key
         self.settings: CommandSettings = settings
@@ -154,11 +155,12 @@ class Command:
                 '%s.execute() was called on the thread of a running IOLoop and would block it; '
                 'use `await %s(...).queue()` (or `yield` it in a gen.coroutine) instead'
                 % (type(self).__name__, type(self).__name__))
-        rt = self._bg_begin()
+        rt = _runtime(type(self))
         if rt.run_is_async or rt.fallback_is_async:
             raise BlackgateError(
                 '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
                 % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
+        self._bg_claim()
         clock = rt.clock
         start = clock.monotonic()
         token = rt.breaker.allow_request()
@@ -173,6 +175,7 @@ class Command:
             else:
                 value, error, elapsed = clock.wait_result(future, rt.timeout)
         except _WaitTimeout:
+            self._bg_decided = True   # a run() still waiting in the queue is skipped
             return self._bg_fail_sync(rt, token, Event.TIMEOUT, start,
                                       clock.monotonic() - start)
         if error is None:
@@ -195,7 +198,9 @@ class Command:
             raise BlackgateError(
                 '%s.queue() needs a running IOLoop on this thread; from a plain thread use '
                 '%s(...).execute()' % (type(self).__name__, type(self).__name__))
-        rt = self._bg_begin()
+        self._bg_claim()
+        self._bg_rt = rt = _runtime(type(self))
+        self._bg_loop = loop
         self._bg_future = future = loop.create_future()
         self._bg_start = start = rt.clock.monotonic()
         self._bg_token = token = rt.breaker.allow_request()
@@ -203,7 +208,7 @@ class Command:
             self._bg_fail_async(rt, Event.SHORT_CIRCUITED, None)
         elif rt.run_is_async:
             self._bg_start_coroutine(rt, loop)
-        elif rt.pool.try_submit(self._bg_work_then_post, rt, loop) is None:
+        elif rt.pool.try_submit(self._bg_work, rt, then=self._bg_hand_over) is None:
             self._bg_fail_async(rt, Event.THREAD_POOL_REJECTED, None)
         elif rt.timeout is not None:
             self._bg_timer = rt.clock.call_later(loop, rt.timeout, self._bg_timed_out)
@@ -211,15 +216,19 @@ class Command:
 
     # -- the pipeline's steps --------------------------------------------------------
 
-    def _bg_begin(self) -> _Runtime:
+    def _bg_claim(self) -> None:
+        # dict.setdefault is atomic: of two threads racing on one instance, one wins.
         marker: list = []
         if self.__dict__.setdefault('_bg_used', marker) is not marker:
             raise BlackgateError('this %s instance has already run; a command instance runs '
                                  'once: create a new one for each call' % (type(self).__name__,))
-        return _runtime(type(self))
 
     def _bg_work(self, rt: _Runtime) -> Tuple[Any, Optional[BaseException], float]:
         """On a worker thread: run() and time it."""
+        if self._bg_decided:
+            # Timed out while waiting in the pool's queue: the caller has its answer, and
+            # nobody wants this call made any more (Hystrix skips it too).
+            return None, None, 0.0
         metrics = rt.metrics
         monotonic = rt.clock.monotonic
         metrics.execution_started()
@@ -232,14 +241,14 @@ class Command:
         metrics.execution_finished()
         return value, error, elapsed
 
-    def _bg_work_then_post(self, rt: _Runtime, loop) -> None:
-        outcome = self._bg_work(rt)
+    def _bg_hand_over(self, outcome) -> None:
+        """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
         try:
-            loop.call_soon_threadsafe(self._bg_run_returned, rt, outcome)
+            self._bg_loop.call_soon_threadsafe(self._bg_run_returned, outcome)
         except RuntimeError:  # the loop was closed while run() was running: nobody waits
             pass
 
-    def _bg_run_returned(self, rt: _Runtime, outcome) -> None:
+    def _bg_run_returned(self, outcome) -> None:
         """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
         if self._bg_decided:
             return
@@ -248,7 +257,7 @@ class Command:
         if timer is not None:
             timer.cancel()
         value, error, elapsed = outcome
-        self._bg_settle_async(rt, value, error, elapsed)
+        self._bg_settle_async(self._bg_rt, value, error, elapsed)
 
     def _bg_settle_async(self, rt: _Runtime, value: Any, error: Optional[BaseException],
                          elapsed: float) -> None:
@@ -270,7 +279,7 @@ class Command:
         if self._bg_decided:
             return
         self._bg_decided = True
-        rt = _runtime_of(self)
+        rt = self._bg_rt
         task = self.__dict__.get('_bg_task')
         if task is not None:
             task.cancel()   # a coroutine, unlike a thread, can be interrupted
@@ -303,7 +312,7 @@ class Command:
             self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
 
     def _bg_task_done(self, task: 'asyncio.Task[Any]') -> None:
-        rt = _runtime_of(self)
+        rt = self._bg_rt
         rt.state.run_permits.release()
         rt.metrics.execution_finished()
         if self._bg_decided:
@@ -492,10 +501,6 @@ class Command:
     def __repr__(self) -> str:
         state = '/'.join(event.value for event in self._bg_events) or 'not run'
         return '<%s %s %s>' % (type(self).__name__, type(self).command_key, state)
-
-
-def _runtime_of(command: Command) -> _Runtime:
-    return _runtime(type(command))
 
 
 def _cause(rt: _Runtime, event: Event) -> BaseException:

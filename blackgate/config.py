@@ -48,6 +48,11 @@ DEFAULT_HEALTH_SNAPSHOT_INTERVAL = 0.5
 DEFAULT_MAX_CONCURRENT_REQUESTS = 10
 #: Concurrent fallbacks allowed per command key.
 DEFAULT_FALLBACK_MAX_CONCURRENT_REQUESTS = 10
+#: The longest duration any setting takes (about 11.6 days); for no timeout at all,
+#: set ``timeout_enabled = False``.
+MAX_SECONDS = 1_000_000.0
+#: The narrowest rolling-window bucket: one millisecond, as in Hystrix.
+MIN_BUCKET_SECONDS = 0.001
 #: Workers of an executor pool.
 DEFAULT_MAX_WORKERS = 10
 #: Waiting slots of an executor pool; 0 rejects as soon as every worker is busy.
@@ -129,12 +134,14 @@ def _boolean():
 
 
 def _number(low: float, high: float = math.inf, low_open: bool = False):
-    if high != math.inf:
-        expected = 'a number from %g to %g' % (low, high)
-    elif low_open:
+    if low_open:
         expected = 'a number greater than %g' % (low,)
     else:
         expected = 'a number of at least %g' % (low,)
+    if high == 100:
+        expected = 'a number from %g to %g' % (low, high)
+    elif high != math.inf:
+        expected += ' and at most %d' % (high,)
     return _rule(lambda v: _is_number(v) and (v > low if low_open else v >= low) and v <= high,
                  expected)
 
@@ -152,18 +159,18 @@ def _name():
 _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     'command_key': _name(),
     'group_key': _name(),
-    'timeout': _number(0, low_open=True),
+    'timeout': _number(0, MAX_SECONDS, low_open=True),
     'timeout_enabled': _boolean(),
     'fallback_enabled': _boolean(),
     'circuit_breaker_enabled': _boolean(),
     'circuit_breaker_request_volume_threshold': _integer(0),
     'circuit_breaker_error_threshold_percentage': _number(0, 100),
-    'circuit_breaker_sleep_window': _number(0),
+    'circuit_breaker_sleep_window': _number(0, MAX_SECONDS),
     'circuit_breaker_force_open': _boolean(),
     'circuit_breaker_force_closed': _boolean(),
-    'metrics_rolling_window': _number(0, low_open=True),
+    'metrics_rolling_window': _number(0.001, MAX_SECONDS),
     'metrics_rolling_buckets': _integer(1, 10_000),
-    'metrics_health_snapshot_interval': _number(0),
+    'metrics_health_snapshot_interval': _number(0, MAX_SECONDS),
     'max_concurrent_requests': _integer(0),
     'fallback_max_concurrent_requests': _integer(0),
     'max_workers': _integer(1, 10_000),
@@ -250,4 +257,9 @@ def resolve_command_settings(command_key: str, class_values: Mapping[str, Any],
     values.update(defaults)
     values.update(class_values)
     values.update((k, v) for k, v in overrides.items() if k != 'command_key')
+    window, buckets = values['metrics_rolling_window'], values['metrics_rolling_buckets']
+    if window / buckets < MIN_BUCKET_SECONDS:
+        raise ConfigError('%s: metrics_rolling_window=%r split into metrics_rolling_buckets=%r '
+                          'gives buckets narrower than %g s; use fewer buckets or a longer '
+                          'window' % (owner, window, buckets, MIN_BUCKET_SECONDS))
     return CommandSettings(command_key=command_key, **values)

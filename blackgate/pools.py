@@ -75,8 +75,14 @@ class ExecutorPool:
         #: True once shutdown() was called: every submission is refused
         self.is_shut_down = False
 
-    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[concurrent.futures.Future]:
-        """Run ``fn(*args)`` on a worker, or return None at once if the pool is full."""
+    def try_submit(self, fn: Callable[..., Any], *args: Any,
+                   then: Optional[Callable[[Any], Any]] = None
+                   ) -> Optional[concurrent.futures.Future]:
+        """Run ``fn(*args)`` on a worker, or return None at once if the pool is full.
+
+        ``then(result)``, if given, runs on the worker after its slot is free again, so
+        that whoever it wakes can use the pool at once.
+        """
         in_flight = self._in_flight
         with self._lock:
             if len(in_flight) >= self._capacity:
@@ -87,7 +93,7 @@ class ExecutorPool:
             if len(in_flight) > self._largest:
                 self._largest = len(in_flight)
         try:
-            return self._executor.submit(self._work, fn, args)
+            return self._executor.submit(self._work, fn, args, then)
         except RuntimeError:  # shut down: refuse like a full pool
             with self._lock:
                 in_flight.pop()
@@ -95,11 +101,15 @@ class ExecutorPool:
                 self.rejected_count += 1
             return None
 
-    def _work(self, fn: Callable[..., Any], args: tuple) -> Any:
+    def _work(self, fn: Callable[..., Any], args: tuple,
+              then: Optional[Callable[[Any], Any]]) -> Any:
         try:
-            return fn(*args)
+            result = fn(*args)
         finally:
             self._in_flight.pop()
+        if then is not None:
+            then(result)
+        return result
 
     @property
     def in_flight(self) -> int:

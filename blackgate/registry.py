@@ -146,7 +146,8 @@ class Component:
             self._check_agreement(resolved)
             for group_key, settings in self._pool_settings.items():
                 self._start_pool(settings)
-            self._pool_for(DEFAULT_GROUP)
+            if DEFAULT_GROUP not in self._pool_settings:
+                self._start_pool(PoolSettings(DEFAULT_GROUP))
             for cls, settings in resolved.items():
                 state = self._keys.get(settings.command_key)
                 if state is not None:
