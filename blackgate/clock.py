@@ -11,9 +11,9 @@ A clock has four methods:
 - ``wall()``: seconds since the epoch, for timestamps shown to people;
 - ``call_later(loop, delay, callback)``: run ``callback`` on the asyncio
   ``loop`` after ``delay`` seconds, returning a handle with ``cancel()``;
-- ``wait_result(future, timeout)``: block the calling thread until the
+- ``wait_until(future, deadline)``: block the calling thread until the
   ``concurrent.futures.Future`` is done and return its result, or raise
-  :class:`TimeoutError` after ``timeout`` seconds.
+  :class:`TimeoutError` once ``monotonic()`` reaches ``deadline``.
 
 .. warning::
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, List, Tuple
 
 __all__ = ('SystemClock', 'FakeClock', 'TimeoutError')
 
-#: What ``wait_result`` raises (an alias of the built-in on Python 3.11+).
+#: What ``wait_until`` raises (an alias of the built-in on Python 3.11+).
 TimeoutError = concurrent.futures.TimeoutError
 
 
@@ -46,24 +46,29 @@ class SystemClock:
         return loop.call_later(delay, callback)
 
     @staticmethod
-    def wait_result(future: concurrent.futures.Future, timeout: float) -> Any:
-        return future.result(timeout)
+    def wait_until(future: concurrent.futures.Future, deadline: float,
+                   _monotonic: Callable[[], float] = time.monotonic) -> Any:
+        return future.result(deadline - _monotonic())
 
     def __repr__(self) -> str:
         return '<SystemClock>'
 
 
 class _FakeTimer:
-    __slots__ = ('deadline', 'loop', 'callback', 'cancelled')
+    __slots__ = ('deadline', 'loop', 'callback', 'cancelled', 'clock')
 
-    def __init__(self, deadline: float, loop, callback: Callable[[], Any]) -> None:
+    def __init__(self, clock: 'FakeClock', deadline: float, loop,
+                 callback: Callable[[], Any]) -> None:
+        self.clock = clock
         self.deadline = deadline
         self.loop = loop
         self.callback = callback
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.clock._timer_cancelled()
 
 
 class FakeClock:
@@ -83,6 +88,8 @@ class FakeClock:
         self._cond = threading.Condition(threading.RLock())
         self._timers: List[Tuple[float, int, _FakeTimer]] = []
         self._sequence = itertools.count()
+        self._waiters = 0
+        self._cancelled = 0
 
     def monotonic(self) -> float:
         return self._now
@@ -98,7 +105,11 @@ class FakeClock:
             self._now += seconds
             due = []
             while self._timers and self._timers[0][0] <= self._now:
-                due.append(heapq.heappop(self._timers)[2])
+                timer = heapq.heappop(self._timers)[2]
+                if timer.cancelled:
+                    self._cancelled -= 1
+                else:
+                    due.append(timer)
             self._cond.notify_all()
         for timer in due:
             if not timer.cancelled:
@@ -106,22 +117,50 @@ class FakeClock:
 
     def call_later(self, loop, delay: float, callback: Callable[[], Any]) -> _FakeTimer:
         with self._cond:
-            timer = _FakeTimer(self._now + delay, loop, callback)
+            timer = _FakeTimer(self, self._now + delay, loop, callback)
             if delay <= 0:
                 loop.call_soon_threadsafe(_fire, timer)
             else:
                 heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
         return timer
 
-    def wait_result(self, future: concurrent.futures.Future, timeout: float) -> Any:
+    def wait_until(self, future: concurrent.futures.Future, deadline: float) -> Any:
         future.add_done_callback(self._wake)
         with self._cond:
-            deadline = self._now + timeout
-            while not future.done():
-                if self._now >= deadline:
-                    raise TimeoutError()
-                self._cond.wait()
+            self._waiters += 1
+            self._cond.notify_all()
+            try:
+                while not future.done():
+                    if self._now >= deadline:
+                        raise TimeoutError()
+                    self._cond.wait()
+            finally:
+                self._waiters -= 1
         return future.result()
+
+    @property
+    def waiters(self) -> int:
+        """How many threads are blocked in ``execute()`` waiting on this clock."""
+        return self._waiters
+
+    def wait_for_waiters(self, count: int, timeout: float = 5.0) -> bool:
+        """Block (in real time, at most ``timeout`` s) until ``count`` threads wait on this clock.
+
+        A test calls it before ``advance()``, so that the ``execute()`` it started in
+        another thread is surely waiting for its timeout.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._waiters >= count, timeout)
+
+    def _timer_cancelled(self) -> None:
+        # Drop cancelled timers once they are half the heap, so that many queue() calls
+        # under a clock that is never advanced do not pile up.
+        with self._cond:
+            self._cancelled += 1
+            if self._cancelled * 2 > len(self._timers):
+                self._timers = [item for item in self._timers if not item[2].cancelled]
+                heapq.heapify(self._timers)
+                self._cancelled = 0
 
     def _wake(self, _future) -> None:
         with self._cond:

@@ -173,7 +173,7 @@ class Command:
             if rt.timeout is None:
                 value, error, elapsed = future.result()
             else:
-                value, error, elapsed = clock.wait_result(future, rt.timeout)
+                value, error, elapsed = clock.wait_until(future, start + rt.timeout)
         except _WaitTimeout:
             self._bg_decided = True   # a run() still waiting in the queue is skipped
             return self._bg_fail_sync(rt, token, Event.TIMEOUT, start,
@@ -202,7 +202,7 @@ class Command:
         self._bg_rt = rt = _runtime(type(self))
         self._bg_loop = loop
         self._bg_future = future = loop.create_future()
-        self._bg_start = start = rt.clock.monotonic()
+        self._bg_start = rt.clock.monotonic()
         self._bg_token = token = rt.breaker.allow_request()
         if token == DENY:
             self._bg_fail_async(rt, Event.SHORT_CIRCUITED, None)

@@ -75,15 +75,11 @@ class RollingMetrics:
                  snapshot_interval: float, clock) -> None:
         self.command_key = command_key
         self.clock = clock
-        self._window = float(window)
-        self._buckets = int(buckets)
-        self._width = self._window / self._buckets
-        self._interval = float(snapshot_interval)
         self._lock = threading.Lock()
         self._ring: 'collections.deque[_Bucket]' = collections.deque()
         self._running: List[None] = []   # one item per run() in progress
-        self._snapshot = _NO_HEALTH
-        self._snapshot_due = -math.inf
+        self._shape: Optional[Tuple[float, int, float]] = None
+        self.configure(window, buckets, snapshot_interval)
 
     # -- recording (hot path) -------------------------------------------------------
 
@@ -133,6 +129,19 @@ class RollingMetrics:
                 histogram[execution_key] = histogram.get(execution_key, 0) + 1
             histogram = bucket.total
             histogram[total_key] = histogram.get(total_key, 0) + 1
+
+    def configure(self, window: float, buckets: int, snapshot_interval: float) -> None:
+        """Take a new window shape; the counts restart if it changed."""
+        with self._lock:
+            shape = (float(window), int(buckets), float(snapshot_interval))
+            if shape == self._shape:
+                return
+            self._shape = shape
+            self._window, self._buckets, self._interval = shape
+            self._width = self._window / self._buckets
+            self._ring.clear()
+            self._snapshot = _NO_HEALTH
+            self._snapshot_due = -math.inf
 
     def reset(self) -> None:
         """Forget every bucket (the breaker does this when it closes)."""

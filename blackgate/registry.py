@@ -56,15 +56,10 @@ class KeyState:
         self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
 
     def apply(self, settings: CommandSettings, clock) -> None:
-        """Take new settings; the window is rebuilt (and its counts lost) only if its shape changed."""
-        old = self.settings
+        """Take new settings, in place: the counts restart only if the window's shape changed."""
         self.settings = settings
-        if (old.metrics_rolling_window, old.metrics_rolling_buckets,
-                old.metrics_health_snapshot_interval) != (
-                settings.metrics_rolling_window, settings.metrics_rolling_buckets,
-                settings.metrics_health_snapshot_interval):
-            self.metrics = _new_metrics(settings, clock)
-            self.breaker.metrics = self.metrics
+        self.metrics.configure(settings.metrics_rolling_window, settings.metrics_rolling_buckets,
+                               settings.metrics_health_snapshot_interval)
         self.breaker.settings = settings
         self.run_permits.limit = settings.max_concurrent_requests
         self.fallback_permits.limit = settings.fallback_max_concurrent_requests
@@ -231,7 +226,7 @@ class Component:
 
     @clock.setter
     def clock(self, clock) -> None:
-        for name in ('monotonic', 'wall', 'call_later', 'wait_result'):
+        for name in ('monotonic', 'wall', 'call_later', 'wait_until'):
             if not callable(getattr(clock, name, None)):
                 raise ConfigError('component.clock: %r has no %s() method; use '
                                   'blackgate.clock.SystemClock or blackgate.testing.FakeClock'
