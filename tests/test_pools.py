@@ -1,0 +1,568 @@
+"""Fail-fast bulkheads (DESIGN.md §4, §5 steps 3 and 4; issue 3, Done when 4 and 6)."""
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import pytest
+
+from blackgate import Command, Event, component
+
+WAIT = 5.0   # seconds: the bound on every wait between threads
+GROUP = 'bulkhead'
+
+
+class Gate:
+    """Holds run()s until opened, and counts those that started."""
+
+    def __init__(self):
+        self._open = threading.Event()
+        self._started = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self.started = 0
+
+    def hold(self):
+        with self._lock:
+            self.started += 1
+        self._started.release()
+        self._open.wait(WAIT)
+
+    def wait_started(self, count):
+        return all(self._started.acquire(timeout=WAIT) for _ in range(count))
+
+    def open(self):
+        self._open.set()
+
+
+@pytest.fixture
+def gate():
+    gate = Gate()
+    yield gate
+    gate.open()
+
+
+@pytest.fixture
+def admissions(clock):
+    """The FakeClock, named for the tests that wait until execute() calls block on it."""
+    return clock
+
+
+def install_pool(max_workers, max_queue_size):
+    component.add('executor_pool', {'group_key': GROUP, 'max_workers': max_workers,
+                                    'max_queue_size': max_queue_size})
+    component.install()
+    return component.pool(GROUP)
+
+
+class Held(Command):
+    """Runs on the bulkhead pool and stays there until its gate opens."""
+
+    group_key = GROUP
+    command_key = 'held'
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    def run(self):
+        self.gate.hold()
+        return 'ran'
+
+    def fallback(self):
+        return 'fallback'
+
+
+class Quick(Command):
+    group_key = GROUP
+    command_key = 'quick'
+
+    def run(self):
+        return 'ran'
+
+    def fallback(self):
+        return 'fallback'
+
+
+def in_thread(fn, *args):
+    """Call ``fn(*args)`` on a daemon thread; a concurrent Future of its result."""
+    future = concurrent.futures.Future()
+
+    def target():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, daemon=True).start()
+    return future
+
+
+def run_async(coroutine, timeout=WAIT):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+async def next_iterations(count=3):
+    """Let the loop run the callbacks that other threads or due timers posted."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+# -- fail-fast admission ----------------------------------------------------------------
+
+def test_full_pool_without_queue_rejects_at_once(admissions, gate):
+    pool = install_pool(max_workers=2, max_queue_size=0)
+    running = [in_thread(Held(gate).execute) for _ in range(2)]
+    assert gate.wait_started(2)
+    assert pool.active_count == 2
+    third = Held(gate)
+    answer = in_thread(third.execute)
+    assert answer.result(WAIT) == 'fallback'           # while both workers are still held
+    assert third.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
+    assert third.is_response_rejected is True
+    assert gate.started == 2                           # its run() never ran
+    gate.open()
+    assert [result.result(WAIT) for result in running] == ['ran', 'ran']
+    assert (pool.active_count, pool.queue_size) == (0, 0)
+    assert (pool.completed_count, pool.rejected_count) == (2, 1)
+    metrics = component.metrics('held')
+    assert metrics.rolling_count(Event.SUCCESS) == 2
+    assert metrics.rolling_count(Event.THREAD_POOL_REJECTED) == 1
+
+
+def test_queue_slots_admit_waiting_work_then_reject(admissions, gate):
+    pool = install_pool(max_workers=2, max_queue_size=2)
+    running = [in_thread(Held(gate).execute) for _ in range(2)]
+    assert gate.wait_started(2)
+    queued = [in_thread(Held(gate).execute) for _ in range(2)]
+    assert admissions.wait_for_waiters(4, WAIT)
+    assert (pool.active_count, pool.queue_size) == (2, 2)
+    fifth = Held(gate)
+    assert in_thread(fifth.execute).result(WAIT) == 'fallback'
+    assert fifth.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
+    assert gate.started == 2                           # the queued ones wait for a worker
+    gate.open()
+    assert [result.result(WAIT) for result in running + queued] == ['ran'] * 4
+    assert (pool.active_count, pool.queue_size) == (0, 0)
+    assert (pool.completed_count, pool.rejected_count) == (4, 1)
+    metrics = component.metrics('held')
+    assert metrics.rolling_count(Event.SUCCESS) == 4
+    assert metrics.rolling_count(Event.THREAD_POOL_REJECTED) == 1
+    assert metrics.rolling_count(Event.FALLBACK_SUCCESS) == 1
+
+
+@pytest.mark.parametrize('max_workers, max_queue_size', [(1, 0), (3, 0), (1, 1), (2, 3)])
+def test_pool_admits_workers_plus_queue_slots_and_rejects_the_next(admissions, gate,
+                                                                    max_workers, max_queue_size):
+    pool = install_pool(max_workers, max_queue_size)
+    capacity = max_workers + max_queue_size
+    admitted = [in_thread(Held(gate).execute) for _ in range(capacity)]
+    assert admissions.wait_for_waiters(capacity, WAIT)
+    assert (pool.active_count, pool.queue_size) == (max_workers, max_queue_size)
+    rejected = Held(gate)
+    assert in_thread(rejected.execute).result(WAIT) == 'fallback'
+    assert rejected.is_response_rejected is True
+    gate.open()
+    assert [result.result(WAIT) for result in admitted] == ['ran'] * capacity
+    assert (pool.completed_count, pool.rejected_count) == (capacity, 1)
+
+
+def test_freed_worker_admits_work_again(admissions, gate):
+    pool = install_pool(max_workers=1, max_queue_size=0)
+    held = in_thread(Held(gate).execute)
+    assert gate.wait_started(1)
+    assert Quick().execute() == 'fallback'
+    gate.open()
+    assert held.result(WAIT) == 'ran'
+    command = Quick()
+    assert command.execute() == 'ran'
+    assert command.events == (Event.SUCCESS,)
+    assert pool.active_count == 0
+
+
+def test_queue_is_rejected_at_once_too(gate):
+    pool = install_pool(max_workers=1, max_queue_size=0)
+
+    async def scenario():
+        first = Held(gate).queue()
+        second = Held(gate)
+        answer = second.queue()
+        assert answer.done()                           # decided inside queue()
+        assert await answer == 'fallback'
+        gate.open()
+        return second, await first
+
+    second, first = run_async(scenario())
+    component.shutdown()                       # the pool's own counts settle when work ends
+    assert first == 'ran'
+    assert second.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
+    assert pool.rejected_count == 1
+
+
+class HandOffLoop(asyncio.SelectorEventLoop):
+    """A loop on which a worker thread pauses right after handing it a callback.
+
+    The worker goes on only once the loop has run that callback and whatever it
+    woke up: one interleaving that the OS may always choose, made certain.
+    """
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if threading.get_ident() == self.loop_thread:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        handed_off = threading.Event()
+
+        def then_let_the_worker_go_on(*args):
+            callback(*args)
+            self.call_soon(self.call_soon, handed_off.set)
+
+        handle = super().call_soon_threadsafe(then_let_the_worker_go_on, *args,
+                                              context=context)
+        handed_off.wait(WAIT)
+        return handle
+
+    def run(self, coroutine):
+        self.loop_thread = threading.get_ident()
+        try:
+            return self.run_until_complete(asyncio.wait_for(coroutine, WAIT))
+        finally:
+            self.close()
+
+
+def test_worker_is_free_again_once_queue_resolves():
+    install_pool(max_workers=1, max_queue_size=0)
+
+    async def scenario():
+        commands = []
+        for _ in range(3):
+            command = Quick()
+            await command.queue()
+            commands.append(command)
+        return commands
+
+    commands = HandOffLoop().run(scenario())
+    assert [command.events for command in commands] == [(Event.SUCCESS,)] * 3
+
+
+def test_worker_is_free_again_once_execute_returns():
+    install_pool(max_workers=1, max_queue_size=0)
+    commands = [Quick() for _ in range(50)]
+    for command in commands:
+        command.execute()
+    assert [command.events for command in commands] == [(Event.SUCCESS,)] * 50
+
+
+def test_pools_are_separate_bulkheads(admissions, gate):
+    install_pool(max_workers=1, max_queue_size=0)
+    component.add('executor_pool', {'group_key': 'other', 'max_workers': 1})
+    component.install()
+    held = in_thread(Held(gate).execute)
+    assert gate.wait_started(1)
+    elsewhere = type('Elsewhere', (Quick,), {'group_key': 'other', 'command_key': 'elsewhere'})
+    assert elsewhere().execute() == 'ran'              # the full 'bulkhead' pool is not shared
+    gate.open()
+    assert held.result(WAIT) == 'ran'
+
+
+# -- timeouts and busy workers ----------------------------------------------------------
+
+class LongHeld(Held):
+    command_key = 'long_held'
+    timeout = 60.0
+
+
+class Queued(Command):
+    group_key = GROUP
+    command_key = 'queued'
+    ran = None      # set per test to a threading.Event
+
+    def run(self):
+        self.ran.set()
+        return 'ran'
+
+    def fallback(self):
+        return 'fallback'
+
+
+@pytest.fixture
+def queued_ran():
+    Queued.ran = threading.Event()
+    return Queued.ran
+
+
+def test_time_waiting_in_the_queue_counts_against_the_timeout(clock, gate, queued_ran):
+    pool = install_pool(max_workers=1, max_queue_size=1)
+
+    async def scenario():
+        holder = LongHeld(gate).queue()
+        assert gate.wait_started(1)
+        waiting = Queued()
+        answer = waiting.queue()
+        assert pool.queue_size == 1
+        clock.advance(0.9)
+        await next_iterations()
+        assert not answer.done()
+        clock.advance(0.1)                             # 1.0 s since admission: the timeout
+        assert await answer == 'fallback'
+        assert not queued_ran.is_set()                 # run() never started
+        gate.open()
+        assert await holder == 'ran'
+        return waiting
+
+    waiting = run_async(scenario())
+    assert waiting.events == (Event.TIMEOUT, Event.FALLBACK_SUCCESS)
+
+
+def test_command_that_timed_out_in_the_queue_never_runs(clock, gate, queued_ran):
+    install_pool(max_workers=1, max_queue_size=1)
+
+    async def scenario():
+        holder = LongHeld(gate).queue()
+        assert gate.wait_started(1)
+        answer = Queued().queue()
+        clock.advance(1.0)
+        assert await answer == 'fallback'
+        gate.open()
+        assert await holder == 'ran'
+
+    run_async(scenario())
+    component.shutdown()                               # waits for queued work
+    assert not queued_ran.is_set()
+
+
+def test_execute_that_timed_out_in_the_queue_never_runs(admissions, gate, queued_ran):
+    pool = install_pool(max_workers=1, max_queue_size=1)
+    holder = in_thread(LongHeld(gate).execute)
+    assert gate.wait_started(1)
+    waiting = Queued()
+    answer = in_thread(waiting.execute)
+    assert admissions.wait_for_waiters(2, WAIT)
+    assert pool.queue_size == 1
+    admissions.advance(1.0)
+    assert answer.result(WAIT) == 'fallback'
+    assert waiting.events == (Event.TIMEOUT, Event.FALLBACK_SUCCESS)
+    gate.open()
+    assert holder.result(WAIT) == 'ran'
+    component.shutdown()                               # waits for queued work
+    assert not queued_ran.is_set()
+
+
+def test_timed_out_run_keeps_its_worker_busy_until_it_returns(clock, gate):
+    pool = install_pool(max_workers=1, max_queue_size=0)
+
+    async def scenario():
+        command = Held(gate)
+        answer = command.queue()
+        assert gate.wait_started(1)
+        clock.advance(1.0)
+        assert await answer == 'fallback'              # the caller does not wait for run()
+        assert command.events == (Event.TIMEOUT, Event.FALLBACK_SUCCESS)
+        assert pool.active_count == 1
+        assert component.metrics('held').concurrent_executions == 1
+        blocked = Quick()
+        assert await blocked.queue() == 'fallback'     # the busy worker still counts
+        assert blocked.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
+        gate.open()
+
+    run_async(scenario())
+    component.shutdown()                               # waits for the held run() to return
+    assert pool.active_count == 0
+    assert component.metrics('held').concurrent_executions == 0
+
+
+def test_late_result_of_a_timed_out_run_is_dropped(clock, gate):
+    pool = install_pool(max_workers=1, max_queue_size=1)
+
+    async def scenario():
+        command = Held(gate)
+        answer = command.queue()
+        assert gate.wait_started(1)
+        clock.advance(1.0)
+        assert await answer == 'fallback'
+        after = Quick()
+        later = after.queue()                          # queued behind the busy worker
+        assert pool.queue_size == 1
+        gate.open()
+        # The worker posts the late result before it takes the next command.
+        assert await later == 'ran'
+        await next_iterations()
+        return command
+
+    command = run_async(scenario())
+    component.shutdown()                       # the pool's own counts settle when work ends
+    assert command.events == (Event.TIMEOUT, Event.FALLBACK_SUCCESS)
+    assert command.is_successful_execution is False
+    assert command.is_response_timed_out is True
+    metrics = component.metrics('held')
+    assert metrics.rolling_count(Event.TIMEOUT) == 1
+    assert metrics.rolling_count(Event.SUCCESS) == 0
+    assert metrics.health().total_requests == 1
+    assert (pool.active_count, pool.completed_count) == (0, 2)
+
+
+# -- thread safety (issue 3, Done when 4) -----------------------------------------------
+
+class Counted(Command):
+    command_key = 'counted'
+    group_key = GROUP
+
+    def run(self):
+        return 'ran'
+
+    def fallback(self):
+        return 'fallback'
+
+
+def call_from_threads(threads, calls_each, make_command):
+    """``execute()`` from ``threads`` threads at once; the commands, in one list."""
+    barrier = threading.Barrier(threads)
+
+    def worker():
+        barrier.wait(WAIT)
+        commands = [make_command() for _ in range(calls_each)]
+        for command in commands:
+            command.execute()
+        return commands
+
+    futures = [in_thread(worker) for _ in range(threads)]
+    return [command for future in futures for command in future.result(30)]
+
+
+def test_rolling_counts_equal_calls_from_sixteen_threads_exactly():
+    pool = install_pool(max_workers=16, max_queue_size=0)
+    commands = call_from_threads(16, 625, Counted)
+    assert len(commands) == 10_000
+    assert all(command.events == (Event.SUCCESS,) for command in commands)
+    metrics = component.metrics('counted')
+    assert metrics.rolling_count(Event.SUCCESS) == 10_000
+    assert metrics.health().total_requests == 10_000
+    assert metrics.rolling_count(Event.THREAD_POOL_REJECTED) == 0
+    assert (pool.completed_count, pool.rejected_count) == (10_000, 0)
+    assert metrics.concurrent_executions == 0
+
+
+def test_rejections_from_many_threads_are_counted_exactly():
+    class Busy(Counted):
+        command_key = 'busy'
+        circuit_breaker_enabled = False    # rejections are errors; keep every call admitted to try
+
+        def run(self):
+            time.sleep(0.0005)             # the work: lets callers pile up on 4 workers
+            return 'ran'
+
+    pool = install_pool(max_workers=4, max_queue_size=2)
+    commands = call_from_threads(16, 100, Busy)
+    successes = sum(command.events == (Event.SUCCESS,) for command in commands)
+    rejections = sum(command.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
+                     for command in commands)
+    assert successes + rejections == 1_600
+    assert rejections > 0
+    metrics = component.metrics('busy')
+    assert metrics.rolling_count(Event.SUCCESS) == successes == pool.completed_count
+    assert metrics.rolling_count(Event.THREAD_POOL_REJECTED) == rejections == pool.rejected_count
+    assert metrics.rolling_count(Event.FALLBACK_SUCCESS) == rejections
+
+
+class Admitted(Command):
+    command_key = 'admitted'
+    group_key = GROUP
+    circuit_breaker_enabled = False        # rejections are errors; keep the breaker out of it
+    work = None                            # set per test
+
+    def run(self):
+        self.work()
+        return 'ran'
+
+    def fallback(self):
+        return 'fallback'
+
+
+def tally(commands):
+    successes = sum(command.events == (Event.SUCCESS,) for command in commands)
+    rejections = sum(command.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
+                     for command in commands)
+    return successes, rejections
+
+
+def test_thousand_concurrent_queue_calls_are_counted_exactly():
+    pool = install_pool(max_workers=10, max_queue_size=50)
+    Admitted.work = staticmethod(lambda: time.sleep(0.0005))
+
+    async def scenario():
+        commands, futures = [], []
+        for i in range(1_000):
+            command = Admitted()
+            commands.append(command)
+            futures.append(command.queue())
+            if i % 250 == 249:
+                await asyncio.sleep(0)         # let finished work come back meanwhile
+        results = await asyncio.gather(*futures)
+        return commands, results
+
+    commands, results = run_async(scenario(), timeout=30)
+    component.shutdown()                       # the pool's own counts settle when work ends
+    successes, rejections = tally(commands)
+    assert successes + rejections == 1_000
+    assert rejections > 0
+    assert results.count('ran') == successes
+    assert results.count('fallback') == rejections
+    metrics = component.metrics('admitted')
+    assert metrics.rolling_count(Event.SUCCESS) == successes == pool.completed_count
+    assert metrics.rolling_count(Event.THREAD_POOL_REJECTED) == rejections == pool.rejected_count
+    assert metrics.rolling_count(Event.TIMEOUT) == 0
+
+
+def test_thousand_queue_calls_on_held_workers_admit_exactly_workers_plus_queue(gate):
+    pool = install_pool(max_workers=10, max_queue_size=100)
+    Admitted.work = gate.hold
+
+    async def scenario():
+        commands = [Admitted() for _ in range(1_000)]
+        futures = [command.queue() for command in commands]
+        assert (pool.active_count, pool.queue_size) == (10, 100)
+        gate.open()
+        await asyncio.gather(*futures)
+        return commands
+
+    commands = run_async(scenario(), timeout=30)
+    component.shutdown()                       # the pool's own counts settle when work ends
+    assert tally(commands) == (110, 890)
+    metrics = component.metrics('admitted')
+    assert metrics.rolling_count(Event.SUCCESS) == 110
+    assert metrics.rolling_count(Event.THREAD_POOL_REJECTED) == 890
+    assert (pool.active_count, pool.queue_size) == (0, 0)
+
+
+# -- no lock across user code (issue 3, Done when 6) ------------------------------------
+
+class Slow(Admitted):
+    command_key = 'slow'
+    timeout = 5.0
+
+
+def test_hundred_twenty_ms_runs_on_ten_workers_take_ten_rounds_not_a_hundred(system_clock):
+    pool = install_pool(max_workers=10, max_queue_size=100)
+    lock = threading.Lock()
+    running = most = 0
+
+    def work():
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)                       # the work itself
+        with lock:
+            running -= 1
+
+    Slow.work = staticmethod(work)
+
+    async def scenario():
+        commands = [Slow() for _ in range(100)]
+        started = time.monotonic()
+        results = await asyncio.gather(*(command.queue() for command in commands))
+        return commands, results, time.monotonic() - started
+
+    commands, results, elapsed = run_async(scenario(), timeout=10)
+    component.shutdown()                       # the pool's own counts settle when work ends
+    assert results == ['ran'] * 100
+    assert all(command.events == (Event.SUCCESS,) for command in commands)
+    assert 0.19 <= elapsed < 1.0               # 10 rounds = 0.2 s; serial would be 2 s
+    assert most == 10
+    assert pool.completed_count == 100
