@@ -29,7 +29,7 @@ from typing import Callable, Optional
 from .config import CommandSettings
 from .errors import BlackgateError
 from .events import BreakerState
-from .metrics import RollingMetrics
+from .metrics import HealthCounts, RollingMetrics
 
 __all__ = ('CircuitBreaker', 'DENY', 'ALLOW', 'TRIAL')
 
@@ -125,11 +125,10 @@ class CircuitBreaker:
             return TRIAL
         return DENY
 
-    def evaluate(self) -> None:
-        """After a completion while CLOSED: trip if the health snapshot crosses the thresholds."""
+    def evaluate(self, health: HealthCounts) -> None:
+        """Judge a fresh health snapshot: while CLOSED, trip if it crosses the thresholds."""
         if self._state is not CLOSED or self._mode != _NORMAL:
             return
-        health = self.metrics.health_snapshot()
         if (health.total_requests >= self._volume
                 and health.total_requests > 0
                 and health.error_percentage >= self._threshold):

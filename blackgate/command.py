@@ -443,9 +443,9 @@ class Command:
             rt.breaker.trial_finished(events[0] is SUCCESS)
             rt.metrics.record(events, elapsed, total)
         else:
-            rt.metrics.record(events, elapsed, total)
-            if token:
-                rt.breaker.evaluate()
+            health = rt.metrics.record(events, elapsed, total)
+            if health is not None:
+                rt.breaker.evaluate(health)
         if rt.component._listeners:
             rt.component._emit(rt.command_key, events)
         if events[0] is not SUCCESS and events[0] is not BAD_REQUEST:

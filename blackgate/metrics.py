@@ -91,8 +91,12 @@ class RollingMetrics:
         self._running.pop()
 
     def record(self, events: Iterable[Event], execution_time: Optional[float],
-               total_time: float) -> None:
-        """Count one completed command: its events and, where ``run()`` ran, its latency."""
+               total_time: float) -> Optional[HealthCounts]:
+        """Count one completed command: its events and, where ``run()`` ran, its latency.
+
+        Returns a new health snapshot when one fell due (every ``snapshot_interval``),
+        else None: whoever judges health need look only then.
+        """
         positions = _POSITIONS.get(events)
         if positions is None:
             positions = tuple(_INDEX[event] for event in events)
@@ -110,7 +114,8 @@ class RollingMetrics:
             total_key = exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
         else:
             total_key = _ZERO_BIN
-        index = int(self.clock.monotonic() // self._width)
+        now = self.clock.monotonic()
+        index = int(now // self._width)
         with self._lock:
             ring = self._ring
             if ring and ring[-1].index >= index:
@@ -129,6 +134,11 @@ class RollingMetrics:
                 histogram[execution_key] = histogram.get(execution_key, 0) + 1
             histogram = bucket.total
             histogram[total_key] = histogram.get(total_key, 0) + 1
+            if now < self._snapshot_due:
+                return None
+            self._snapshot = self._health(now)
+            self._snapshot_due = now + self._interval
+            return self._snapshot
 
     def configure(self, window: float, buckets: int, snapshot_interval: float) -> None:
         """Take a new window shape; the counts restart if it changed."""
@@ -152,9 +162,11 @@ class RollingMetrics:
 
     # -- reading --------------------------------------------------------------------
 
-    def _live(self) -> List[_Bucket]:
+    def _live(self, now: Optional[float] = None) -> List[_Bucket]:
         # Caller holds the lock. Drops buckets that fell out of the window.
-        oldest = int(self.clock.monotonic() // self._width) - self._buckets
+        if now is None:
+            now = self.clock.monotonic()
+        oldest = int(now // self._width) - self._buckets
         ring = self._ring
         while ring and ring[0].index <= oldest:
             ring.popleft()
@@ -177,9 +189,9 @@ class RollingMetrics:
         with self._lock:
             return self._health()
 
-    def _health(self) -> HealthCounts:
+    def _health(self, now: Optional[float] = None) -> HealthCounts:
         errors = successes = 0
-        for bucket in self._live():
+        for bucket in self._live(now):
             counts = bucket.counts
             successes += counts[_SUCCESS_INDEX]
             for i in _ERROR_INDEXES:
@@ -194,7 +206,7 @@ class RollingMetrics:
             return self._snapshot
         with self._lock:
             if now >= self._snapshot_due:
-                self._snapshot = self._health()
+                self._snapshot = self._health(now)
                 self._snapshot_due = now + self._interval
             return self._snapshot
 
