@@ -104,10 +104,12 @@ class CircuitBreaker:
 
     @property
     def force_open(self) -> bool:
+        """``circuit_breaker_force_open`` is in effect: every request is short-circuited."""
         return self._mode == _FORCED_OPEN
 
     @property
     def force_closed(self) -> bool:
+        """``circuit_breaker_force_closed`` is in effect: the breaker never trips."""
         return self._mode == _FORCED_CLOSED
 
     # -- what the command pipeline calls --------------------------------------------
@@ -168,7 +170,10 @@ class CircuitBreaker:
         return True
 
     def _announce(self, old: BreakerState, new: BreakerState, why: str) -> None:
-        if new is OPEN:
+        if new is OPEN and old is HALF_OPEN:
+            log.warning('circuit %s re-opened (trial failed) for %.3g s', self.command_key,
+                        self._sleep_window)
+        elif new is OPEN:
             health = self.metrics.health()
             log.warning('circuit %s opened (%s): %d errors in %d requests', self.command_key,
                         why, health.error_count, health.total_requests)

@@ -38,16 +38,20 @@ class SystemClock:
 
     __slots__ = ()
 
+    #: Seconds from an arbitrary start, for measuring (``time.monotonic``).
     monotonic = staticmethod(time.monotonic)
+    #: Seconds since the epoch, for timestamps (``time.time``).
     wall = staticmethod(time.time)
 
     @staticmethod
     def call_later(loop, delay: float, callback: Callable[[], Any]):
+        """Run ``callback`` on ``loop`` after ``delay`` seconds; returns a cancellable handle."""
         return loop.call_later(delay, callback)
 
     @staticmethod
     def wait_until(future: concurrent.futures.Future, deadline: float,
                    _monotonic: Callable[[], float] = time.monotonic) -> Any:
+        """The future's result, or :class:`TimeoutError` once ``monotonic()`` reaches ``deadline``."""
         return future.result(deadline - _monotonic())
 
     def __repr__(self) -> str:
@@ -92,9 +96,11 @@ class FakeClock:
         self._cancelled = 0
 
     def monotonic(self) -> float:
+        """The fake time, in seconds; moves only with :meth:`advance`."""
         return self._now
 
     def wall(self) -> float:
+        """The fake time as seconds since the epoch."""
         return self._now + self._wall_offset
 
     def advance(self, seconds: float) -> None:
@@ -116,6 +122,7 @@ class FakeClock:
                 timer.loop.call_soon_threadsafe(_fire, timer)
 
     def call_later(self, loop, delay: float, callback: Callable[[], Any]) -> _FakeTimer:
+        """Run ``callback`` on ``loop`` once :meth:`advance` has moved ``delay`` seconds on."""
         with self._cond:
             timer = _FakeTimer(self, self._now + delay, loop, callback)
             if delay <= 0:
@@ -125,6 +132,7 @@ class FakeClock:
         return timer
 
     def wait_until(self, future: concurrent.futures.Future, deadline: float) -> Any:
+        """Block until the future is done, or :class:`TimeoutError` once advanced to ``deadline``."""
         future.add_done_callback(self._wake)
         with self._cond:
             self._waiters += 1

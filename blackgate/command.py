@@ -53,7 +53,9 @@ class _Runtime:
     def __init__(self, cls: type, registry) -> None:
         command_key = cls.command_key
         check_value('command class %s' % (cls.__qualname__,), 'command_key', command_key)
-        settings, state, pool = registry.resolve(cls, command_key, _class_values(cls))
+        run_is_async = inspect.iscoroutinefunction(cls.run)
+        settings, state, pool = registry.resolve(cls, command_key, _class_values(cls),
+                                                 needs_pool=not run_is_async)
         self.command_key = command_key
         self.settings: CommandSettings = settings
         self.state = state
@@ -62,7 +64,7 @@ class _Runtime:
         self.pool = pool
         self.clock = registry.clock
         self.timeout = settings.timeout if settings.timeout_enabled else None
-        self.run_is_async = inspect.iscoroutinefunction(cls.run)
+        self.run_is_async = run_is_async
         self.fallback_is_async = inspect.iscoroutinefunction(cls.fallback)
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
@@ -171,9 +173,12 @@ class Command:
             return self._bg_fail_sync(rt, token, Event.THREAD_POOL_REJECTED, start, None)
         try:
             if rt.timeout is None:
-                value, error, elapsed = future.result()
+                value, error, elapsed, finished = future.result()
             else:
-                value, error, elapsed = clock.wait_until(future, start + rt.timeout)
+                deadline = start + rt.timeout
+                value, error, elapsed, finished = clock.wait_until(future, deadline)
+                if finished > deadline:   # answered, but too late: still a timeout
+                    raise _WaitTimeout()
         except _WaitTimeout:
             self._bg_decided = True   # a run() still waiting in the queue is skipped
             return self._bg_fail_sync(rt, token, Event.TIMEOUT, start,
@@ -211,7 +216,8 @@ class Command:
         elif rt.pool.try_submit(self._bg_work, rt, then=self._bg_hand_over) is None:
             self._bg_fail_async(rt, Event.THREAD_POOL_REJECTED, None)
         elif rt.timeout is not None:
-            self._bg_timer = rt.clock.call_later(loop, rt.timeout, self._bg_timed_out)
+            remaining = self._bg_start + rt.timeout - rt.clock.monotonic()
+            self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
         return future
 
     # -- the pipeline's steps --------------------------------------------------------
@@ -223,12 +229,12 @@ class Command:
             raise BlackgateError('this %s instance has already run; a command instance runs '
                                  'once: create a new one for each call' % (type(self).__name__,))
 
-    def _bg_work(self, rt: _Runtime) -> Tuple[Any, Optional[BaseException], float]:
-        """On a worker thread: run() and time it."""
+    def _bg_work(self, rt: _Runtime) -> Tuple[Any, Optional[BaseException], float, float]:
+        """On a worker thread: run(), and how long it took and when it finished."""
         if self._bg_decided:
             # Timed out while waiting in the pool's queue: the caller has its answer, and
             # nobody wants this call made any more (Hystrix skips it too).
-            return None, None, 0.0
+            return None, None, 0.0, 0.0
         metrics = rt.metrics
         monotonic = rt.clock.monotonic
         metrics.execution_started()
@@ -237,9 +243,9 @@ class Command:
             value, error = self.run(), None
         except BaseException as exc:  # handed to the caller, never lost in the pool
             value, error = None, exc
-        elapsed = monotonic() - started
+        finished = monotonic()
         metrics.execution_finished()
-        return value, error, elapsed
+        return value, error, finished - started, finished
 
     def _bg_hand_over(self, outcome) -> None:
         """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
@@ -252,12 +258,16 @@ class Command:
         """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
         if self._bg_decided:
             return
+        value, error, elapsed, finished = outcome
+        rt = self._bg_rt
+        if rt.timeout is not None and finished > self._bg_start + rt.timeout:
+            self._bg_timed_out()   # answered, but after the deadline: its timer is due
+            return
         self._bg_decided = True
         timer = self.__dict__.get('_bg_timer')
         if timer is not None:
             timer.cancel()
-        value, error, elapsed = outcome
-        self._bg_settle_async(self._bg_rt, value, error, elapsed)
+        self._bg_settle_async(rt, value, error, elapsed)
 
     def _bg_settle_async(self, rt: _Runtime, value: Any, error: Optional[BaseException],
                          elapsed: float) -> None:
@@ -280,6 +290,9 @@ class Command:
             return
         self._bg_decided = True
         rt = self._bg_rt
+        timer = self.__dict__.get('_bg_timer')
+        if timer is not None:
+            timer.cancel()
         task = self.__dict__.get('_bg_task')
         if task is not None:
             task.cancel()   # a coroutine, unlike a thread, can be interrupted
@@ -460,26 +473,32 @@ class Command:
 
     @property
     def is_successful_execution(self) -> bool:
+        """``run()`` returned a result (``SUCCESS``)."""
         return SUCCESS in self._bg_events
 
     @property
     def is_failed_execution(self) -> bool:
+        """``run()`` raised (``FAILURE``); a timeout or rejection is not a failed execution."""
         return Event.FAILURE in self._bg_events
 
     @property
     def is_response_from_fallback(self) -> bool:
+        """The answer came from ``fallback()`` (``FALLBACK_SUCCESS``)."""
         return Event.FALLBACK_SUCCESS in self._bg_events
 
     @property
     def is_response_timed_out(self) -> bool:
+        """``run()`` did not answer within ``timeout`` (``TIMEOUT``)."""
         return Event.TIMEOUT in self._bg_events
 
     @property
     def is_response_short_circuited(self) -> bool:
+        """The breaker was open, so ``run()`` was not called (``SHORT_CIRCUITED``)."""
         return Event.SHORT_CIRCUITED in self._bg_events
 
     @property
     def is_response_rejected(self) -> bool:
+        """No worker, queue slot or semaphore permit was free (``*_REJECTED``)."""
         events = self._bg_events
         return Event.THREAD_POOL_REJECTED in events or Event.SEMAPHORE_REJECTED in events
 
@@ -490,7 +509,11 @@ class Command:
 
     @property
     def execution_time(self) -> Optional[float]:
-        """Seconds ``run()`` took (until the timeout, if it timed out); None if it never ran."""
+        """Seconds ``run()`` took; None if it never ran.
+
+        After a timeout, the seconds from the call to the timeout, time waiting for a
+        worker included.
+        """
         return self._bg_execution_time
 
     @property

@@ -63,6 +63,7 @@ class CommandError(BlackgateError):
     def __init__(self, command_key: str, failure_type, cause: Optional[BaseException],
                  fallback_exception: Optional[BaseException] = None,
                  fallback_problem: str = '') -> None:
+        #: the command key of the command that failed
         self.command_key = command_key
         #: a :class:`~blackgate.FailureType`
         self.failure_type = failure_type

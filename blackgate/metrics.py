@@ -38,8 +38,11 @@ _frexp = math.frexp
 class HealthCounts(NamedTuple):
     """What the breaker looks at: requests, errors and the error percentage in the window."""
 
+    #: errors plus successes (short-circuits and bad requests are not requests here)
     total_requests: int
+    #: FAILURE + TIMEOUT + THREAD_POOL_REJECTED + SEMAPHORE_REJECTED
     error_count: int
+    #: 100 * error_count / total_requests, 0.0 when there were no requests
     error_percentage: float
 
 

@@ -34,6 +34,7 @@ class Permits:
         self.rejected = 0
 
     def try_acquire(self) -> bool:
+        """Take a permit if one is free; never waits."""
         with self._lock:
             if self._in_use >= self.limit:
                 self.rejected += 1
@@ -42,11 +43,13 @@ class Permits:
             return True
 
     def release(self) -> None:
+        """Give back a permit taken with :meth:`try_acquire`."""
         with self._lock:
             self._in_use -= 1
 
     @property
     def in_use(self) -> int:
+        """Permits taken now."""
         return self._in_use
 
     def __repr__(self) -> str:
@@ -58,8 +61,11 @@ class ExecutorPool:
 
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
+        #: the group whose commands this pool runs
         self.group_key = settings.group_key
+        #: worker threads
         self.max_workers = settings.max_workers
+        #: work that may wait for a worker before more is rejected
         self.max_queue_size = settings.max_queue_size
         self._capacity = settings.max_workers + settings.max_queue_size
         self._executor = concurrent.futures.ThreadPoolExecutor(

@@ -138,6 +138,8 @@ class Component:
         with self._lock:
             resolved = {cls: self._resolve(cls, key, values)
                         for cls, (key, values) in self._classes.items()}
+            for command_key in self._overrides:   # also those of commands yet to run
+                self._resolve(None, command_key, {})
             self._check_agreement(resolved)
             for group_key, settings in self._pool_settings.items():
                 self._start_pool(settings)
@@ -270,7 +272,12 @@ class Component:
 
     @property
     def session(self):
-        """The ``requests.Session`` shared by ``HTTPProxyCommand``s."""
+        """The ``requests.Session`` shared by ``HTTPProxyCommand`` instances.
+
+        It takes no proxy or netrc settings from the environment, stores no cookies
+        between requests, and keeps a connection pool at least as large as the
+        largest executor pool.
+        """
         with self._lock:
             if self._session is None:
                 self._session = _new_session(max(
@@ -279,10 +286,13 @@ class Component:
 
     # -- resolution (called by the command module) -------------------------------------
 
-    def resolve(self, cls: type, command_key: str,
-                class_values: Mapping[str, Any]) -> Tuple[CommandSettings, KeyState,
-                                                           ExecutorPool]:
-        """Settings, key state and pool of a command class; remembered for ``install()``."""
+    def resolve(self, cls: type, command_key: str, class_values: Mapping[str, Any],
+                needs_pool: bool = True) -> Tuple[CommandSettings, KeyState,
+                                                  Optional[ExecutorPool]]:
+        """Settings, key state and pool of a command class; remembered for ``install()``.
+
+        ``needs_pool=False`` (an ``async def run()``, which takes no thread) skips the pool.
+        """
         with self._lock:
             settings = self._resolve(cls, command_key, class_values)
             state = self._keys.get(command_key)
@@ -294,7 +304,7 @@ class Component:
                 state.apply(settings, self._clock)
             else:
                 _check_same_key(state.owner, state.settings, cls.__qualname__, settings)
-            pool = self._pool_for(settings.group_key)
+            pool = self._pool_for(settings.group_key) if needs_pool else None
             self._classes[cls] = (command_key, dict(class_values))
             return settings, state, pool
 
