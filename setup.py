@@ -46,6 +46,7 @@ setup(
             'pytest<10',
             'pytest-tornado',
             'hypothesis',
+            'sphinx',   # tests/test_docs.py builds the docs with warnings as errors
             # pytest-tornado 0.8.1 imports pkg_resources, which setuptools 82
             # removed; venvs of Python 3.12+ get the newest setuptools.
             'setuptools<82',
