@@ -33,7 +33,7 @@ setup(
     license='MIT',
     packages=find_packages(exclude=['tests', 'tests.*', 'examples', 'examples.*',
                                     'benchmarks', 'benchmarks.*']),
-    package_data={'blackgate': ['py.typed']},
+    package_data={'blackgate': ['py.typed', 'static/*']},
     include_package_data=True,
     zip_safe=False,
     python_requires='>=3.9',
