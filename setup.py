@@ -41,6 +41,10 @@ setup(
         'tornado>=6.1',
         'requests',
     ],
+    entry_points={
+        # The testing kit's fixtures (blackgate_component, blackgate_clock) for pytest users.
+        'pytest11': ['blackgate = blackgate.testing'],
+    },
     extras_require={
         'test': [
             'pytest<10',

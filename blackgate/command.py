@@ -50,7 +50,7 @@ class _Runtime:
     __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'has_fallback', 'component')
 
-    def __init__(self, cls: type, registry) -> None:
+    def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
         check_value('command class %s' % (cls.__qualname__,), 'command_key', command_key)
         run_is_async = inspect.iscoroutinefunction(cls.run)
@@ -312,7 +312,7 @@ class Command:
             rt.metrics.execution_finished()
             raise
         if _EAGER:
-            task = asyncio.Task(coroutine, loop=loop, eager_start=True)
+            task = asyncio.Task(coroutine, loop=loop, eager_start=True)  # type: ignore[call-arg]
         else:
             task = loop.create_task(coroutine)
         self._bg_task = task

@@ -21,7 +21,7 @@ This module knows nothing of circuit breakers: the breaker asks for a
 import collections
 import math
 import threading
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .events import ERROR_EVENTS, Event
 
@@ -82,6 +82,10 @@ class RollingMetrics:
         self._ring: 'collections.deque[_Bucket]' = collections.deque()
         self._running: List[None] = []   # one item per run() in progress
         self._shape: Optional[Tuple[float, int, float]] = None
+        self._window = self._width = self._interval = 0.0
+        self._buckets = 0
+        self._snapshot = _NO_HEALTH
+        self._snapshot_due = -math.inf
         self.configure(window, buckets, snapshot_interval)
 
     # -- recording (hot path) -------------------------------------------------------
@@ -93,7 +97,7 @@ class RollingMetrics:
     def execution_finished(self) -> None:
         self._running.pop()
 
-    def record(self, events: Iterable[Event], execution_time: Optional[float],
+    def record(self, events: Tuple[Event, ...], execution_time: Optional[float],
                total_time: float) -> Optional[HealthCounts]:
         """Count one completed command: its events and, where ``run()`` ran, its latency.
 

@@ -141,11 +141,11 @@ class Component:
             for command_key in self._overrides:   # also those of commands yet to run
                 self._resolve(None, command_key, {})
             self._check_agreement(resolved)
-            for group_key, settings in self._pool_settings.items():
-                self._start_pool(settings)
+            for pool_settings in self._pool_settings.values():
+                self._start_pool(pool_settings)
             if DEFAULT_GROUP not in self._pool_settings:
                 self._start_pool(PoolSettings(DEFAULT_GROUP))
-            for cls, settings in resolved.items():
+            for settings in resolved.values():
                 state = self._keys.get(settings.command_key)
                 if state is not None:
                     state.apply(settings, self._clock)

@@ -1,18 +1,14 @@
-"""Shared fixtures: a clean registry and an injected clock for every test."""
+"""Shared fixtures, on top of the testing kit's pytest plugin (blackgate.testing)."""
 import pytest
 
 from blackgate import component
 from blackgate.clock import SystemClock
-from blackgate.testing import FakeClock
 
 
 @pytest.fixture(autouse=True)
-def clock():
-    """A FakeClock installed on a freshly reset component; reset again afterwards."""
-    component.reset()
-    fake = component.clock = FakeClock()
-    yield fake
-    component.reset()
+def clock(blackgate_clock):
+    """Every test starts on a freshly reset component with a FakeClock installed."""
+    return blackgate_clock
 
 
 @pytest.fixture
