@@ -5,7 +5,6 @@ import threading
 import pytest
 
 from blackgate import BreakerState, Command, CommandError, Event, component
-from blackgate.testing import FakeClock
 
 
 # -- the code under test (in an application, imported from its own module) ----
@@ -61,13 +60,12 @@ class FakePricingClient:
 
 
 @pytest.fixture
-def clock():
-    component.reset()                      # no configuration, breakers or metrics left over
-    clock = component.clock = FakeClock()  # time moves only when the test says so
+def clock(blackgate_clock):
+    # blackgate_clock (from Blackgate's pytest plugin) resets the component before and
+    # after the test and installs a FakeClock: time moves only when the test says so.
     component.add('executor_pool', {'group_key': 'pricing', 'max_workers': 2})
     component.install()
-    yield clock
-    component.reset()
+    return blackgate_clock
 
 
 @pytest.fixture
