@@ -52,6 +52,7 @@ setup(
             'hypothesis',
             'sphinx',   # tests/test_docs.py builds the docs with warnings as errors
             'mypy',     # tests/test_typing.py type-checks the package
+            'redis',    # tests/test_fleet.py (fleet mode) against a local redis-server
             # pytest-tornado 0.8.1 imports pkg_resources, which setuptools 82
             # removed; venvs of Python 3.12+ get the newest setuptools.
             'setuptools<82',

@@ -24,7 +24,7 @@ re-opens it for a new sleep window.
 """
 import logging
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .config import CommandSettings
 from .errors import BlackgateError
@@ -74,6 +74,8 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._state = CLOSED
         self._opened_at = 0.0
+        #: a fleet-mode state store (``blackgate.store``) sharing this breaker, or None
+        self.store: Optional[Any] = None
         self.settings = settings
 
     @property
@@ -121,27 +123,61 @@ class CircuitBreaker:
             return DENY if mode == _FORCED_OPEN else ALLOW
         if self._state is CLOSED:
             return ALLOW
-        if (self._state is OPEN
-                and self.clock.monotonic() >= self._opened_at + self._sleep_window
-                and self._transition(OPEN, HALF_OPEN)):
-            return TRIAL
+        if self._state is OPEN and self.clock.monotonic() >= self._opened_at + self._sleep_window:
+            store = self.store
+            if store is not None and not store.claim_trial(self.command_key,
+                                                           self._sleep_window):
+                return DENY   # another process of the fleet has the trial
+            if self._transition(OPEN, HALF_OPEN):
+                return TRIAL
         return DENY
 
     def evaluate(self, health: HealthCounts) -> None:
         """Judge a fresh health snapshot: while CLOSED, trip if it crosses the thresholds."""
-        if self._state is not CLOSED or self._mode != _NORMAL:
-            return
-        if (health.total_requests >= self._volume
-                and health.total_requests > 0
-                and health.error_percentage >= self._threshold):
+        store = self.store
+        if store is not None and store.healthy:
+            return   # the fleet's merged counts are judged by the store instead
+        if self.judge(health):
             self._transition(CLOSED, OPEN)
+
+    def judge(self, health: HealthCounts) -> bool:
+        """Whether ``health`` would trip this breaker now (it is CLOSED and not forced)."""
+        return (self._state is CLOSED and self._mode == _NORMAL
+                and health.total_requests >= self._volume
+                and health.total_requests > 0
+                and health.error_percentage >= self._threshold)
 
     def trial_finished(self, succeeded: bool) -> None:
         """The trial request answered: close on success, re-open on anything else."""
-        if succeeded:
-            self._transition(HALF_OPEN, CLOSED)
-        else:
-            self._transition(HALF_OPEN, OPEN)
+        moved = self._transition(HALF_OPEN, CLOSED if succeeded else OPEN)
+        store = self.store
+        if moved and store is not None:
+            store.trial_finished(self.command_key, succeeded)
+
+    # -- fleet mode ----------------------------------------------------------------------
+
+    def is_tracking_open(self) -> bool:
+        """Whether the state machine itself (forced flags aside) is OPEN or HALF_OPEN."""
+        return self._state is not CLOSED
+
+    def holds_trial(self) -> bool:
+        """Whether this process is running the trial (HALF_OPEN here)."""
+        return self._state is HALF_OPEN
+
+    def adopt(self, state: BreakerState, opened_at: Optional[float], why: str) -> None:
+        """Take the fleet's state (fleet mode only); like :meth:`reset`, allowed from any state.
+
+        ``opened_at`` is the moment it opened on this process's monotonic clock.
+        """
+        with self._lock:
+            old = self._state
+            self._state = state
+            if state is OPEN and opened_at is not None:
+                self._opened_at = opened_at
+            elif state is CLOSED and old is not CLOSED:
+                self.metrics.reset()
+        if old is not state:
+            self._announce(old, state, why)
 
     def reset(self) -> None:
         """Close the breaker and forget the rolling counts, whatever the state."""

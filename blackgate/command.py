@@ -48,7 +48,8 @@ class _Runtime:
     """What the pipeline needs of a command class, resolved once per ``install()``."""
 
     __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
-                 'timeout', 'run_is_async', 'fallback_is_async', 'has_fallback', 'component')
+                 'timeout', 'run_is_async', 'fallback_is_async', 'has_fallback', 'component',
+                 'store')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -68,6 +69,7 @@ class _Runtime:
         self.fallback_is_async = inspect.iscoroutinefunction(cls.fallback)
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
+        self.store = registry._store   # fleet mode's state store, or None
 
 
 def _class_values(cls: type) -> Dict[str, Any]:
@@ -459,6 +461,9 @@ class Command:
             health = rt.metrics.record(events, elapsed, total)
             if health is not None:
                 rt.breaker.evaluate(health)
+        store = rt.store
+        if store is not None:   # fleet mode: counted here, sent in batches by its thread
+            store.pending.append((rt.command_key, events, rt.clock.wall()))
         if rt.component._listeners:
             rt.component._emit(rt.command_key, events)
         if events[0] is not SUCCESS and events[0] is not BAD_REQUEST:

@@ -36,7 +36,7 @@ __all__ = ('Component', 'component', 'KeyState')
 log = logging.getLogger('blackgate')
 
 DEFAULT_GROUP = 'default'
-_SET_KEYS = ('command_defaults',)
+_SET_KEYS = ('command_defaults', 'state_store')
 _ADD_KEYS = ('executor_pool', 'command')
 _LISTENER_METHODS = ('on_event', 'on_state_change')
 
@@ -95,15 +95,29 @@ class Component:
         self._classes: Dict[type, Tuple[str, Dict[str, Any]]] = {}
         #: class -> the command module's resolved runtime (the hot path's one lookup)
         self._runtimes: Dict[type, Any] = {}
+        # fleet mode: what set('state_store') asked for, and the running store
+        self._store_options: Optional[Dict[str, Any]] = None
+        self._store: Optional[Any] = None
 
     # -- configuration ---------------------------------------------------------------
 
     def set(self, key: str, value: Any) -> None:
-        """Store a setting: ``'command_defaults'`` (a dict of command settings)."""
+        """Store a setting, applied by ``install()``.
+
+        ``'command_defaults'``: a dict of command settings for every command;
+        ``'state_store'``: fleet mode, e.g. ``{'backend': 'redis', 'url':
+        'redis://127.0.0.1:6379/0', 'prefix': 'blackgate'}``.
+        """
         if key not in _SET_KEYS:
             hint = ("; use component.add(%r, ...) for that" % (key,)) if key in _ADD_KEYS else ''
             raise ConfigError('component.set(%r, ...): unknown key%s; set() takes %s'
                               % (key, hint, ', '.join(map(repr, _SET_KEYS))))
+        if key == 'state_store':
+            from .store import check_store_mapping
+            options = check_store_mapping(value)
+            with self._lock:
+                self._store_options = options
+            return
         checked = check_command_mapping("component.set('command_defaults', ...)", value,
                                         needs_key=False)
         with self._lock:
@@ -131,7 +145,10 @@ class Component:
             raise ConfigError('component.delete(%r): unknown key; delete() takes %s'
                               % (key, ', '.join(map(repr, _SET_KEYS))))
         with self._lock:
-            self._defaults = {}
+            if key == 'state_store':
+                self._store_options = None
+            else:
+                self._defaults = {}
 
     def install(self) -> None:
         """Validate the configuration, start new pools and apply settings (idempotent)."""
@@ -152,13 +169,35 @@ class Component:
             for command_key, state in self._keys.items():
                 if state.owner is None:   # looked up, never run: follow the configuration
                     state.apply(self._resolve(None, command_key, {}), self._clock)
+            self._install_store()
             self._runtimes.clear()
+
+    def _install_store(self) -> None:
+        # Caller holds the lock. Start, replace or stop the fleet-mode store as configured.
+        store = self._store
+        if store is not None and store.options == self._store_options and store.running:
+            return
+        if store is not None:
+            self._stop_store()
+        if self._store_options is not None:
+            from .store import RedisStateStore
+            store = self._store = RedisStateStore(self._store_options, self._clock)
+            for state in self._keys.values():
+                store.attach(state.breaker)
+
+    def _stop_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            for state in self._keys.values():
+                state.breaker.store = None
+            store.stop()
 
     def shutdown(self) -> None:
         """Stop every pool, waiting for running and queued work; ``install()`` starts them again."""
         with self._lock:
             pools = list(self._pools.values())
             self._runtimes.clear()
+            self._stop_store()
         for pool in pools:
             pool.shutdown(wait=True)
 
@@ -217,6 +256,8 @@ class Component:
                                                     self._overrides.get(command_key, {}))
                 state = KeyState(settings, None, self._clock, self._state_changed)
                 self._keys[command_key] = state
+                if self._store is not None:
+                    self._store.attach(state.breaker)
             return state
 
     # -- the clock ---------------------------------------------------------------------
@@ -238,6 +279,8 @@ class Component:
             for state in self._keys.values():
                 state.metrics.clock = clock
                 state.breaker.clock = clock
+            if self._store is not None:
+                self._store.clock = clock
             self._runtimes.clear()
 
     # -- listeners ---------------------------------------------------------------------
@@ -299,6 +342,8 @@ class Component:
             if state is None:
                 state = KeyState(settings, cls.__qualname__, self._clock, self._state_changed)
                 self._keys[command_key] = state
+                if self._store is not None:
+                    self._store.attach(state.breaker)
             elif state.owner is None:
                 state.owner = cls.__qualname__
                 state.apply(settings, self._clock)
