@@ -14,7 +14,13 @@ above ``error_threshold_percentage``). While OPEN every request is
 short-circuited until the sleep window is over; then exactly one request, the
 trial, is let through and the breaker is HALF_OPEN until it answers. A trial
 that succeeds closes the breaker and resets the counts; any other outcome
-re-opens it for a new sleep window.
+re-opens it for a new sleep window. A trial that never answers (its IOLoop
+stopped, say) is given up after its lease, the sleep window plus the command's
+timeout (60 s when timeouts are off), and the next request is a new trial.
+
+In fleet mode (``blackgate.store``) the store's thread decides CLOSED -> OPEN
+on the fleet's merged counts, hands out the fleet's one trial, and makes the
+breaker adopt the state the fleet agreed on.
 
 .. warning::
 
@@ -24,6 +30,7 @@ re-opens it for a new sleep window.
 """
 import logging
 import threading
+import math
 from typing import Any, Callable, Optional
 
 from .config import CommandSettings
@@ -45,6 +52,7 @@ _TRANSITIONS = {  # (from, to): why
     (OPEN, HALF_OPEN): 'sleep window over',
     (HALF_OPEN, CLOSED): 'trial succeeded',
     (HALF_OPEN, OPEN): 'trial failed',
+    (HALF_OPEN, HALF_OPEN): 'trial lease over: a new trial',
 }
 
 # How the settings make the breaker behave, worked out once per settings object.
@@ -74,6 +82,10 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._state = CLOSED
         self._opened_at = 0.0
+        self._trial_started = 0.0
+        self._version = 0                 # bumped by every change of state
+        self._fleet_permit_until = -math.inf
+        self._trial_from_fleet = False
         #: a fleet-mode state store (``blackgate.store``) sharing this breaker, or None
         self.store: Optional[Any] = None
         self.settings = settings
@@ -89,6 +101,9 @@ class CircuitBreaker:
         self._volume = settings.circuit_breaker_request_volume_threshold
         self._threshold = settings.circuit_breaker_error_threshold_percentage
         self._sleep_window = settings.circuit_breaker_sleep_window
+        #: how long a trial may go unanswered before another request becomes the trial
+        self.trial_lease = settings.circuit_breaker_sleep_window + (
+            settings.timeout if settings.timeout_enabled else 60.0)
 
     # -- what callers read ----------------------------------------------------------
 
@@ -121,15 +136,16 @@ class CircuitBreaker:
         mode = self._mode
         if mode != _NORMAL:
             return DENY if mode == _FORCED_OPEN else ALLOW
-        if self._state is CLOSED:
+        state = self._state
+        if state is CLOSED:
             return ALLOW
-        if self._state is OPEN and self.clock.monotonic() >= self._opened_at + self._sleep_window:
-            store = self.store
-            if store is not None and not store.claim_trial(self.command_key,
-                                                           self._sleep_window):
-                return DENY   # another process of the fleet has the trial
-            if self._transition(OPEN, HALF_OPEN):
-                return TRIAL
+        now = self.clock.monotonic()
+        if state is OPEN:
+            due = now >= self._opened_at + self._sleep_window
+        else:   # HALF_OPEN: a trial is out; give up on it once its lease is over
+            due = now >= self._trial_started + self.trial_lease
+        if due and self._transition(state, HALF_OPEN, now=now):
+            return TRIAL
         return DENY
 
     def evaluate(self, health: HealthCounts) -> None:
@@ -149,12 +165,25 @@ class CircuitBreaker:
 
     def trial_finished(self, succeeded: bool) -> None:
         """The trial request answered: close on success, re-open on anything else."""
+        from_fleet = self._trial_from_fleet
         moved = self._transition(HALF_OPEN, CLOSED if succeeded else OPEN)
         store = self.store
-        if moved and store is not None:
-            store.trial_finished(self.command_key, succeeded)
+        if moved and from_fleet and store is not None:
+            store.send(self.command_key, 'success' if succeeded else 'failure')
 
-    # -- fleet mode ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Close the breaker and forget the rolling counts, whatever the state (fleet-wide in fleet mode)."""
+        self._transition(None, CLOSED)
+        store = self.store
+        if store is not None:
+            store.send(self.command_key, 'reset')
+
+    # -- fleet mode (called by the store's thread) -------------------------------------
+
+    @property
+    def version(self) -> int:
+        """A number that every change of state increases; :meth:`adopt` compares it."""
+        return self._version
 
     def is_tracking_open(self) -> bool:
         """Whether the state machine itself (forced flags aside) is OPEN or HALF_OPEN."""
@@ -164,31 +193,53 @@ class CircuitBreaker:
         """Whether this process is running the trial (HALF_OPEN here)."""
         return self._state is HALF_OPEN
 
-    def adopt(self, state: BreakerState, opened_at: Optional[float], why: str) -> None:
-        """Take the fleet's state (fleet mode only); like :meth:`reset`, allowed from any state.
+    def wants_trial(self) -> bool:
+        """OPEN, its sleep window over, and no fleet trial granted yet."""
+        now = self.clock.monotonic()
+        return (self._state is OPEN and self._mode == _NORMAL
+                and now >= self._opened_at + self._sleep_window
+                and now >= self._fleet_permit_until)
 
-        ``opened_at`` is the moment it opened on this process's monotonic clock.
+    def grant_fleet_trial(self, lease: float) -> None:
+        """The fleet gave this process its one trial: the next request here may take it."""
+        with self._lock:
+            if self._state is OPEN:
+                self._fleet_permit_until = self.clock.monotonic() + lease
+
+    def adopt(self, state: BreakerState, opened_at: Optional[float], why: str,
+              version: int) -> bool:
+        """Take the fleet's state, unless the breaker changed since ``version`` was read.
+
+        Like :meth:`reset`, allowed from any state. ``opened_at`` is the moment it
+        opened, on this process's monotonic clock.
         """
         with self._lock:
+            if self._version != version:
+                return False
             old = self._state
+            if old is state and (state is not OPEN or opened_at is None
+                                 or opened_at == self._opened_at):
+                return True
             self._state = state
+            self._version += 1
+            self._fleet_permit_until = -math.inf
             if state is OPEN and opened_at is not None:
                 self._opened_at = opened_at
             elif state is CLOSED and old is not CLOSED:
                 self.metrics.reset()
         if old is not state:
             self._announce(old, state, why)
-
-    def reset(self) -> None:
-        """Close the breaker and forget the rolling counts, whatever the state."""
-        self._transition(None, CLOSED)
+        return True
 
     # -- the one way the state changes ----------------------------------------------
 
-    def _transition(self, expected: Optional[BreakerState], to: BreakerState) -> bool:
+    def _transition(self, expected: Optional[BreakerState], to: BreakerState,
+                    now: Optional[float] = None) -> bool:
         """Swap ``expected`` for ``to``; False if another caller moved first.
 
         ``expected=None`` is :meth:`reset`, the one move allowed from any state.
+        A move to HALF_OPEN (``now`` given) is a trial: with a healthy fleet store it
+        needs the fleet's permit, and from HALF_OPEN it needs the old trial's lease over.
         """
         if expected is not None and (expected, to) not in _TRANSITIONS:
             raise BlackgateError('illegal circuit breaker transition %s -> %s' % (expected, to))
@@ -196,26 +247,41 @@ class CircuitBreaker:
             old = self._state
             if expected is not None and old is not expected:
                 return False
+            if to is HALF_OPEN:
+                if now is None:
+                    now = self.clock.monotonic()
+                if old is HALF_OPEN and now < self._trial_started + self.trial_lease:
+                    return False
+                store = self.store
+                fleet = store is not None and store.healthy
+                if fleet and now >= self._fleet_permit_until:
+                    return False   # the store's thread hands out the fleet's one trial
+                self._fleet_permit_until = -math.inf
+                self._trial_from_fleet = fleet
+                self._trial_started = now
             self._state = to
+            self._version += 1
             if to is OPEN:
                 self._opened_at = self.clock.monotonic()
             elif to is CLOSED:
                 self.metrics.reset()
-        if old is not to:
+        if old is not to or to is HALF_OPEN:
             self._announce(old, to, 'reset' if expected is None else _TRANSITIONS[old, to])
         return True
 
     def _announce(self, old: BreakerState, new: BreakerState, why: str) -> None:
-        if new is OPEN and old is HALF_OPEN:
-            log.warning('circuit %s re-opened (trial failed) for %.3g s', self.command_key,
-                        self._sleep_window)
-        elif new is OPEN:
+        if new is OPEN and why == _TRANSITIONS[CLOSED, OPEN]:
             health = self.metrics.health()
             log.warning('circuit %s opened (%s): %d errors in %d requests', self.command_key,
                         why, health.error_count, health.total_requests)
+        elif new is OPEN and why == _TRANSITIONS[HALF_OPEN, OPEN]:
+            log.warning('circuit %s re-opened (trial failed) for %.3g s', self.command_key,
+                        self._sleep_window)
+        elif new is OPEN:
+            log.warning('circuit %s opened (%s)', self.command_key, why)
         else:
             log.info('circuit %s %s (%s)', self.command_key, new.value.replace('_', '-'), why)
-        if self._notify is not None:
+        if self._notify is not None and old is not new:
             self._notify(self.command_key, old, new)
 
     def __repr__(self) -> str:

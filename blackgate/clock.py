@@ -119,7 +119,10 @@ class FakeClock:
             self._cond.notify_all()
         for timer in due:
             if not timer.cancelled:
-                timer.loop.call_soon_threadsafe(_fire, timer)
+                try:
+                    timer.loop.call_soon_threadsafe(_fire, timer)
+                except RuntimeError:   # its loop is closed: nobody is waiting for it
+                    pass
 
     def call_later(self, loop, delay: float, callback: Callable[[], Any]) -> _FakeTimer:
         """Run ``callback`` on ``loop`` once :meth:`advance` has moved ``delay`` seconds on."""

@@ -87,7 +87,12 @@ def _class_values(cls: type) -> Dict[str, Any]:
 def _runtime(cls: type) -> _Runtime:
     runtime = component._runtimes.get(cls)
     if runtime is None:
-        runtime = component._runtimes[cls] = _Runtime(cls, component)
+        # Built and published under the registry's lock, so that an install() running
+        # at the same moment cannot leave a runtime with its old pool and settings behind.
+        with component._lock:
+            runtime = component._runtimes.get(cls)
+            if runtime is None:
+                runtime = component._runtimes[cls] = _Runtime(cls, component)
     return runtime
 
 
@@ -253,8 +258,16 @@ class Command:
         """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
         try:
             self._bg_loop.call_soon_threadsafe(self._bg_run_returned, outcome)
-        except RuntimeError:  # the loop was closed while run() was running: nobody waits
-            pass
+        except RuntimeError:
+            # The loop was closed while run() ran: nobody waits for the answer, but the
+            # outcome still counts (and a trial must still close or re-open the breaker).
+            if not self._bg_decided:
+                self._bg_decided = True
+                value, error, elapsed, _ = outcome
+                events = (_SUCCESS_ONLY if error is None else _BAD_REQUEST_ONLY
+                          if isinstance(error, BadRequest) else (Event.FAILURE,))
+                self._bg_finish(self._bg_rt, self._bg_token, events, self._bg_start, elapsed,
+                                error)
 
     def _bg_run_returned(self, outcome) -> None:
         """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
@@ -374,17 +387,22 @@ class Command:
         cause = error if error is not None else _cause(rt, event)
         events = [event]
         denied = self._bg_fallback_denied(rt, events, cause)
+        escaped = None
         if denied is None:
             try:
                 value = self.fallback()
-            except Exception as exc:
+            except BaseException as exc:   # counted even if it is KeyboardInterrupt
                 denied = self._bg_fallback_failed(rt, events, cause, exc)
                 denied.__cause__ = exc
+                if not isinstance(exc, Exception):
+                    escaped = exc
             else:
                 events.append(Event.FALLBACK_SUCCESS)
             finally:
                 rt.state.fallback_permits.release()
         self._bg_finish(rt, token, events, start, elapsed, cause, denied)
+        if escaped is not None:
+            raise escaped
         if denied is not None:
             if denied.__cause__ is None:
                 denied.__cause__ = cause
@@ -401,10 +419,12 @@ class Command:
             return
         try:
             value = self.fallback()
-        except Exception as exc:
+        except BaseException as exc:   # the future must resolve whatever the fallback raised
             rt.state.fallback_permits.release()
             self._bg_resolve(rt, events, elapsed, cause,
                              self._bg_fallback_failed(rt, events, cause, exc), None, exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             return
         if not rt.fallback_is_async:
             rt.state.fallback_permits.release()
@@ -557,7 +577,9 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
     if not log.isEnabledFor(level):
         return
     exc_info = None
-    if primary is Event.FAILURE:
+    if primary is Event.FAILURE and getattr(cause, 'log_traceback', True):
+        # A cause whose class sets log_traceback = False (the proxy's UpstreamError:
+        # refused, reset, timed out, 5xx) says all in its message: one line, no stack.
         exc_info = cause
     elif error is not None and error.fallback_exception is not None:
         exc_info = error.fallback_exception

@@ -153,11 +153,15 @@ class Component:
     def install(self) -> None:
         """Validate the configuration, start new pools and apply settings (idempotent)."""
         with self._lock:
+            # Everything that can fail comes first, so that a bad configuration changes nothing.
             resolved = {cls: self._resolve(cls, key, values)
                         for cls, (key, values) in self._classes.items()}
+            known = {settings.command_key for settings in resolved.values()}
             for command_key in self._overrides:   # also those of commands yet to run
-                self._resolve(None, command_key, {})
+                if command_key not in known:
+                    self._resolve(None, command_key, {})
             self._check_agreement(resolved)
+            new_store = self._new_store()
             for pool_settings in self._pool_settings.values():
                 self._start_pool(pool_settings)
             if DEFAULT_GROUP not in self._pool_settings:
@@ -169,21 +173,27 @@ class Component:
             for command_key, state in self._keys.items():
                 if state.owner is None:   # looked up, never run: follow the configuration
                     state.apply(self._resolve(None, command_key, {}), self._clock)
-            self._install_store()
+            if new_store is not False:
+                self._stop_store()
+                self._store = new_store
+                for state in self._keys.values():
+                    if new_store is not None:
+                        new_store.attach(state.breaker)
             self._runtimes.clear()
 
-    def _install_store(self) -> None:
-        # Caller holds the lock. Start, replace or stop the fleet-mode store as configured.
+    def _new_store(self) -> Any:
+        """The fleet-mode store install() should run: False to keep the current one."""
         store = self._store
         if store is not None and store.options == self._store_options and store.running:
-            return
-        if store is not None:
-            self._stop_store()
-        if self._store_options is not None:
-            from .store import RedisStateStore
-            store = self._store = RedisStateStore(self._store_options, self._clock)
-            for state in self._keys.values():
-                store.attach(state.breaker)
+            return False
+        if self._store_options is None:
+            return None if store is not None else False
+        from .store import RedisStateStore
+        try:
+            return RedisStateStore(self._store_options, self._clock)
+        except ValueError as exc:   # redis-py's word on a URL it cannot use
+            raise ConfigError("component.set('state_store', ...): url=%r: %s"
+                              % (self._store_options['url'], exc)) from None
 
     def _stop_store(self) -> None:
         store, self._store = self._store, None

@@ -4,17 +4,18 @@ With ``component.set('state_store', {'backend': 'redis', 'url': ...})`` every
 process using the same Redis and prefix shares, per command key, the
 breaker's state and the rolling counts it judges:
 
-- each completion is appended to an in-process queue (no Redis on the hot
-  path); a background thread drains it every ``interval`` seconds, adds the
-  counts to per-bucket Redis hashes, reads the merged window back and the
-  shared state, all in one pipelined round trip;
+- each completion is appended to an in-process queue: commands never talk to
+  Redis. A background thread drains the queue every ``interval`` seconds,
+  adds the counts to per-bucket Redis hashes and reads the merged window and
+  the shared state back, in two pipelined round trips;
 - the thread judges the merged counts: when they cross a key's thresholds it
   opens the breaker in Redis, atomically (a Lua script), and every process
   adopts the shared state at its next sync, so within one interval;
-- after the sleep window a process that wants to send the trial must claim it
-  in Redis first (another Lua script), so exactly one trial runs fleet-wide;
-  its outcome closes (a new count generation starts) or re-opens the breaker
-  for everyone;
+- after the sleep window the thread claims the trial in Redis (another Lua
+  script); the one process that wins lets its next request through as the
+  trial, and every other process stays short-circuited. The trial's outcome
+  (or a ``reset()``) is sent by the thread and closes (a new count generation
+  starts) or re-opens the breaker for everyone;
 - every key expires on its own.
 
 When Redis is unreachable or slow, each process carries on with its local
@@ -53,7 +54,9 @@ log = logging.getLogger('blackgate')
 _ERROR_NAMES = frozenset(event.value for event in ERROR_EVENTS)
 _SUCCESS_NAME = Event.SUCCESS.value
 _DEFAULT_INTERVAL = 0.5
-_MIN_INTERVAL = 0.01
+_MIN_INTERVAL = 0.01          # for an explicit 'interval'
+_MIN_DERIVED_INTERVAL = 0.1   # when derived from the commands' snapshot intervals (0 allowed)
+_URL_SCHEMES = ('redis://', 'rediss://', 'unix://')
 
 # Open the breaker if it is still closed in the generation that was judged.
 _TRIP = """
@@ -69,7 +72,6 @@ return 1
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 local now = tonumber(ARGV[1])
-if state == 'closed' then return 1 end
 if state == 'open' and now >= tonumber(redis.call('HGET', KEYS[1], 'opened_at')) + tonumber(ARGV[2])
    or state == 'half_open' and now >= tonumber(redis.call('HGET', KEYS[1], 'trial_at')) + tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'half_open', 'trial_at', ARGV[1])
@@ -79,15 +81,16 @@ end
 return 0
 """
 
-# The trial answered: close (a new count generation) or re-open for a new sleep window.
-_FINISH = """
+# The trial answered ('success' closes, with a new count generation; 'failure' re-opens
+# for a new sleep window), or someone called reset() ('reset' closes from any state).
+_SETTLE = """
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state ~= 'half_open' then return 0 end
-if ARGV[1] == '1' then
+if ARGV[1] ~= 'reset' and state ~= 'half_open' then return 0 end
+if ARGV[1] == 'failure' then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[2])
+else
   redis.call('HSET', KEYS[1], 'state', 'closed')
   redis.call('HINCRBY', KEYS[1], 'generation', 1)
-else
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -115,6 +118,9 @@ def check_store_mapping(value: Any) -> Dict[str, Any]:
         if not isinstance(item, str) or not item:
             raise ConfigError('%s: %s=%r has the wrong type; expected a non-empty string, '
                               'as in %s' % (owner, key, item, example))
+    if not value['url'].startswith(_URL_SCHEMES):
+        raise ConfigError('%s: url=%r is not a Redis URL; expected one starting with %s'
+                          % (owner, value['url'], ', '.join(_URL_SCHEMES)))
     for key, low in (('interval', _MIN_INTERVAL), ('socket_timeout', 0.001)):
         if key in value:
             item = value[key]
@@ -146,15 +152,13 @@ class RedisStateStore:
                                             socket_connect_timeout=timeout)
         self._trip = self._client.register_script(_TRIP)
         self._claim = self._client.register_script(_CLAIM)
-        self._finish = self._client.register_script(_FINISH)
+        self._settle = self._client.register_script(_SETTLE)
         #: completions not yet sent: (command_key, events, wall time); deque ops are atomic
         self.pending: 'collections.deque[Tuple[str, Tuple[Event, ...], float]]' = \
             collections.deque()
-        self._outbox: 'collections.deque[Tuple[str, bool]]' = collections.deque()
+        self._outbox: 'collections.deque[Tuple[str, str]]' = collections.deque()
         self._breakers: Dict[str, Any] = {}
         self._unsent: Dict[str, Dict[int, Dict[str, int]]] = {}
-        self._generation: Dict[str, int] = {}
-        self._claims_after: Dict[str, float] = {}
         #: False while Redis does not answer: the breakers judge their local counts
         self.healthy = True
         self._wake = threading.Event()
@@ -171,27 +175,12 @@ class RedisStateStore:
         breaker.store = self
         self._wake.set()
 
-    def claim_trial(self, command_key: str, sleep_window: float) -> bool:
-        """Whether this caller may send the one fleet-wide trial; True when Redis is down."""
-        if not self.healthy:
-            return True
-        now = self.clock.monotonic()
-        if now < self._claims_after.get(command_key, -math.inf):
-            return False
-        try:
-            won = self._claim(keys=[self._state_key(command_key)],
-                              args=[self.clock.wall(), sleep_window, sleep_window + 5.0,
-                                    self._ttl(command_key)])
-        except self._redis_errors as exc:
-            self._lost(exc)
-            return True
-        if not won:   # someone else has it: ask again after a sync at the earliest
-            self._claims_after[command_key] = now + self._interval()
-        return bool(won)
+    def send(self, command_key: str, action: str) -> None:
+        """Tell the fleet a trial's outcome (``'success'``, ``'failure'``) or a ``'reset'``.
 
-    def trial_finished(self, command_key: str, succeeded: bool) -> None:
-        """Tell the fleet how the trial went (sent by the store's thread, at once)."""
-        self._outbox.append((command_key, succeeded))
+        Sent by the store's thread, woken at once: the caller never waits on Redis.
+        """
+        self._outbox.append((command_key, action))
         self._wake.set()
 
     @property
@@ -212,7 +201,7 @@ class RedisStateStore:
             return float(self._fixed_interval)
         intervals = [breaker.settings.metrics_health_snapshot_interval
                      for breaker in list(self._breakers.values())]
-        return max(_MIN_INTERVAL, min(intervals, default=_DEFAULT_INTERVAL))
+        return max(_MIN_DERIVED_INTERVAL, min(intervals, default=_DEFAULT_INTERVAL))
 
     def _loop(self) -> None:
         while True:
@@ -232,6 +221,9 @@ class RedisStateStore:
         keys = list(self._breakers)
         if not keys:
             return
+        # What each breaker looked like before Redis was read: a view is adopted only
+        # if the breaker has not moved since (a trial started or answered meanwhile).
+        versions = [self._breakers[command_key].version for command_key in keys]
         try:
             self._send_outbox()
             views = self._exchange(keys)
@@ -242,8 +234,12 @@ class RedisStateStore:
             self.healthy = True
             log.warning('blackgate state store %s answers again: breakers are shared '
                         'once more', self._where())
-        for command_key, (state, opened_at, generation, health) in zip(keys, views):
-            self._reconcile(command_key, state, opened_at, generation, health)
+        for command_key, version, view in zip(keys, versions, views):
+            try:
+                self._reconcile(command_key, version, *view)
+            except self._redis_errors as exc:
+                self._lost(exc)
+                return
 
     def _drain(self) -> None:
         pending = self.pending
@@ -266,10 +262,10 @@ class RedisStateStore:
 
     def _send_outbox(self) -> None:
         while self._outbox:
-            command_key, succeeded = self._outbox[0]
-            self._finish(keys=[self._state_key(command_key)],
-                         args=['1' if succeeded else '0', self.clock.wall(),
-                               self._ttl(command_key)])
+            command_key, action = self._outbox[0]
+            if command_key in self._breakers:
+                self._settle(keys=[self._state_key(command_key)],
+                             args=[action, self.clock.wall(), self._ttl(command_key)])
             self._outbox.popleft()
 
     def _exchange(self, keys: List[str]) -> List[Tuple[str, float, int, HealthCounts]]:
@@ -283,7 +279,7 @@ class RedisStateStore:
         now = self.clock.wall()
         windows = []
         position = 0
-        for command_key, generation in zip(keys, generations):
+        for command_key, state, generation in zip(keys, states, generations):
             breaker = self._breakers[command_key]
             width = self._width(breaker)
             buckets = breaker.settings.metrics_rolling_buckets
@@ -294,6 +290,9 @@ class RedisStateStore:
                     pipe.hincrby(name, event_name, count)
                 pipe.expire(name, expire)
                 position += len(counts) + 1
+            if state:   # keep the shared state alive while processes use it
+                pipe.expire(self._state_key(command_key), self._ttl(command_key))
+                position += 1
             newest = int(now // width)
             for index in range(newest - buckets + 1, newest + 1):
                 pipe.hgetall(self._count_key(command_key, generation, index))
@@ -305,22 +304,30 @@ class RedisStateStore:
                  generation, _merge(replies[start:start + count]))
                 for state, generation, (start, count) in zip(states, generations, windows)]
 
-    def _reconcile(self, command_key: str, state: str, opened_at: float, generation: int,
-                   health: HealthCounts) -> None:
+    def _reconcile(self, command_key: str, version: int, state: str, opened_at: float,
+                   generation: int, health: HealthCounts) -> None:
         breaker = self._breakers[command_key]
-        known = self._generation.get(command_key)
-        self._generation[command_key] = generation
         if state == 'closed':
-            if breaker.is_tracking_open() and known is not None and generation > known:
-                breaker.adopt(BreakerState.CLOSED, None, 'closed by the fleet')
+            if breaker.is_tracking_open():
+                # Closed by the fleet (a trial elsewhere, a reset, an expired key, or a
+                # local trip while Redis was away): the fleet's state wins.
+                breaker.adopt(BreakerState.CLOSED, None, 'closed by the fleet', version)
             elif breaker.judge(health) and self._trip_in_redis(command_key, generation):
-                breaker.adopt(BreakerState.OPEN, self._local_time(opened_at=None),
-                              'error threshold reached across the fleet')
-        elif state == 'open':
-            breaker.adopt(BreakerState.OPEN, self._local_time(opened_at), 'opened by the fleet')
-        elif state == 'half_open' and not breaker.holds_trial():
-            breaker.adopt(BreakerState.OPEN, self._local_time(opened_at),
-                          'trial running elsewhere in the fleet')
+                breaker.adopt(BreakerState.OPEN, self._local_time(None),
+                              'error threshold reached across the fleet', version)
+            return
+        if state == 'open' or not breaker.holds_trial():
+            # Open, or a trial runs in another process: short-circuit here.
+            if not breaker.adopt(BreakerState.OPEN, self._local_time(opened_at),
+                                 'opened by the fleet' if state == 'open'
+                                 else 'trial running elsewhere in the fleet', version):
+                return
+        if breaker.wants_trial():
+            settings = breaker.settings
+            if self._claim(keys=[self._state_key(command_key)],
+                           args=[self.clock.wall(), settings.circuit_breaker_sleep_window,
+                                 breaker.trial_lease, self._ttl(command_key)]):
+                breaker.grant_fleet_trial(breaker.trial_lease)
 
     def _trip_in_redis(self, command_key: str, generation: int) -> bool:
         try:

@@ -37,19 +37,42 @@ def force_closed(command_key: str, registry: Optional[Component] = None) -> None
 
 
 def unforce(command_key: str, registry: Optional[Component] = None) -> None:
-    """Let ``command_key``'s breaker follow its health again."""
-    _force(command_key, False, False, registry)
+    """Take back :func:`force_open` / :func:`force_closed`: the class's own settings apply again."""
+    _restore(command_key, {}, registry)
 
 
 @contextlib.contextmanager
 def forced(command_key: str, open: bool = True,
            registry: Optional[Component] = None) -> Iterator[None]:
-    """``with forced('get_price'):`` forces the breaker open (or closed) for the block."""
+    """``with forced('get_price'):`` forces the breaker open (or closed) for the block.
+
+    On the way out the overrides are put back exactly as they were.
+    """
+    registry = component if registry is None else registry
+    with registry._lock:
+        before = {key: value for key, value in registry._overrides.get(command_key, {}).items()
+                  if key in _FORCE_KEYS}
     _force(command_key, open, not open, registry)
     try:
         yield
     finally:
-        unforce(command_key, registry)
+        _restore(command_key, before, registry)
+
+
+_FORCE_KEYS = ('circuit_breaker_force_open', 'circuit_breaker_force_closed')
+
+
+def _restore(command_key: str, values: dict, registry: Optional[Component]) -> None:
+    registry = component if registry is None else registry
+    with registry._lock:
+        override = registry._overrides.get(command_key)
+        if override is not None:
+            for key in _FORCE_KEYS:
+                override.pop(key, None)
+            override.update(values)
+            if set(override) <= {'command_key'}:
+                del registry._overrides[command_key]
+    registry.install()
 
 
 def _force(command_key: str, force_open: bool, force_closed: bool,

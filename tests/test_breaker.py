@@ -8,6 +8,7 @@ test instead of hanging it.
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 
@@ -652,3 +653,61 @@ def test_opening_is_logged_once_at_warning_with_the_command_key(caplog):
               and 'open' in record.getMessage()]
     assert len(opened) == 1
     assert 'flaky' in opened[0].getMessage()
+
+
+# -- a trial that never answers ---------------------------------------------------------------
+
+class Stuck(Command):
+    """Its trial never answers: run() is held until the test lets it go."""
+
+    command_key = 'stuck'
+    circuit_breaker_request_volume_threshold = 1
+    metrics_health_snapshot_interval = 0
+    timeout_enabled = False
+    release = threading.Event()
+
+    def __init__(self, fail=True):
+        self.fail = fail
+
+    def run(self):
+        if not self.fail:
+            Stuck.release.wait(5)
+            return 'late'
+        raise ConnectionError('down')
+
+    def fallback(self):
+        return 'stale'
+
+
+def test_a_trial_that_never_answers_is_given_up_after_its_lease(clock):
+    Stuck.release.clear()
+    Stuck().execute()
+    breaker = component.circuit_breaker('stuck')
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(5.0)
+    trial = threading.Thread(target=Stuck(fail=False).execute)
+    trial.start()
+    try:
+        assert eventually_half_open(breaker)
+        clock.advance(breaker.trial_lease - 0.001)
+        waiting = Stuck()
+        waiting.execute()
+        assert waiting.events == (Event.SHORT_CIRCUITED, Event.FALLBACK_SUCCESS)
+        clock.advance(0.001)        # the lease (sleep window + 60 s with no timeout) is over
+        second = Stuck()
+        second.execute()            # a new trial goes; it fails and re-opens the breaker
+        assert second.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+        assert breaker.state is BreakerState.OPEN
+    finally:
+        Stuck.release.set()
+        trial.join(5)
+    assert not trial.is_alive()
+
+
+def eventually_half_open(breaker, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while breaker.state is not BreakerState.HALF_OPEN:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True

@@ -107,6 +107,7 @@ def real_time(system_clock):
     ({'backend': 'redis'}, "url=None"),
     ({'backend': 'redis', 'url': 'redis://x', 'prefx': 'a'}, "unknown key 'prefx'"),
     ({'backend': 'redis', 'url': 'redis://x', 'interval': 0}, 'interval=0 is out of range'),
+    ({'backend': 'redis', 'url': 'localhost:6379'}, 'is not a Redis URL'),
 ])
 def test_bad_state_store_settings_raise_config_error(value, message):
     with pytest.raises(ConfigError) as caught:
@@ -139,17 +140,48 @@ def test_an_open_breaker_in_redis_is_adopted_within_an_interval(redis_server, re
     assert eventually(lambda: component.circuit_breaker('down').is_open(), timeout=2.0)
 
 
-def test_the_trial_goes_to_one_claimant_only(redis_server, real_time):
+def test_while_another_process_holds_the_trial_this_one_is_short_circuited(
+        redis_server, real_time):
+    use_store(redis_server)
+    Down().execute()
+    client = redis_server.client()
+    client.hset('t:down:state', mapping={'state': 'half_open', 'opened_at': time.time() - 60,
+                                         'trial_at': time.time(), 'generation': 0})
+    assert eventually(lambda: component.circuit_breaker('down').is_open())
+    time.sleep(0.3)   # several syncs: each claims the trial and loses it
+    command = Down()
+    command.execute()
+    assert command.events == (Event.SHORT_CIRCUITED, Event.FALLBACK_SUCCESS)
+
+
+def test_the_process_that_wins_the_claim_sends_the_one_trial(redis_server, real_time):
     use_store(redis_server)
     Down().execute()
     client = redis_server.client()
     client.hset('t:down:state', mapping={'state': 'open', 'opened_at': time.time() - 60,
                                          'generation': 0})
-    assert eventually(lambda: component.circuit_breaker('down').is_open())
-    client.hset('t:down:state', mapping={'state': 'half_open', 'trial_at': time.time()})
-    command = Down()   # another process holds the trial: this one is short-circuited
+    assert eventually(lambda: client.hget('t:down:state', 'state') == b'half_open')
+    command = Down()     # the store's thread won the claim: the next request is the trial
     command.execute()
-    assert command.events == (Event.SHORT_CIRCUITED, Event.FALLBACK_SUCCESS)
+    assert command.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+    assert eventually(lambda: client.hget('t:down:state', 'state') == b'open')  # re-opened
+    second = Down()
+    second.execute()
+    assert second.events == (Event.SHORT_CIRCUITED, Event.FALLBACK_SUCCESS)
+
+
+def test_reset_closes_the_breaker_for_the_whole_fleet(redis_server, real_time):
+    use_store(redis_server)
+    Down().execute()
+    client = redis_server.client()
+    client.hset('t:down:state', mapping={'state': 'open', 'opened_at': time.time(),
+                                         'generation': 0})
+    assert eventually(lambda: component.circuit_breaker('down').is_open())
+    component.circuit_breaker('down').reset()
+    assert eventually(lambda: client.hget('t:down:state', 'state') == b'closed')
+    assert client.hget('t:down:state', 'generation') == b'1'   # the old counts are left behind
+    time.sleep(0.3)
+    assert component.circuit_breaker('down').state is BreakerState.CLOSED
 
 
 def test_the_hot_path_does_not_wait_on_redis(redis_server, real_time):

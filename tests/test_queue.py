@@ -14,8 +14,8 @@ import pytest
 import tornado.gen
 import tornado.ioloop
 
-from blackgate import (BadRequest, BlackgateError, Command, CommandError, Event, FailureType,
-                       component)
+from blackgate import (BadRequest, BlackgateError, BreakerState, Command, CommandError, Event,
+                       FailureType, component)
 from blackgate.testing import FakeClock
 
 #: Real seconds: the longest a test waits for a thread before it fails.
@@ -1220,3 +1220,40 @@ async def test_a_thousand_async_runs_admit_ten_and_reject_the_rest_exactly():
     metrics = component.metrics('AsyncQuick')
     assert metrics.rolling_count(Event.SUCCESS) == 10
     assert metrics.rolling_count(Event.SEMAPHORE_REJECTED) == 990
+
+
+class TrialOnAClosingLoop(Command):
+    command_key = 'trial_closing_loop'
+    circuit_breaker_request_volume_threshold = 1
+    metrics_health_snapshot_interval = 0
+    gate = threading.Event()
+    fail = True
+
+    def run(self):
+        if TrialOnAClosingLoop.fail:
+            raise ConnectionError('down')
+        TrialOnAClosingLoop.gate.wait(5)
+        return 'fresh'
+
+    def fallback(self):
+        return 'stale'
+
+
+def test_a_trial_whose_loop_closed_still_closes_the_breaker(clock):
+    TrialOnAClosingLoop.gate.clear()
+    TrialOnAClosingLoop.fail = True
+    TrialOnAClosingLoop().execute()
+    breaker = component.circuit_breaker('trial_closing_loop')
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(5.0)
+    TrialOnAClosingLoop.fail = False
+
+    async def start_trial_and_leave():
+        TrialOnAClosingLoop().queue()      # nobody awaits it; the loop ends at once
+
+    asyncio.run(start_trial_and_leave())   # closes the loop while run() is held
+    assert breaker.state is BreakerState.HALF_OPEN
+    TrialOnAClosingLoop.gate.set()
+    component.shutdown()                   # waits for the worker to finish
+    assert breaker.state is BreakerState.CLOSED
+    assert component.metrics('trial_closing_loop').rolling_count(Event.SUCCESS) == 1
