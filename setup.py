@@ -56,8 +56,9 @@ setup(
             # pytest-tornado 0.8.1 imports pkg_resources, which setuptools 82
             # removed; venvs of Python 3.12+ get the newest setuptools.
             'setuptools<82',
+            'prometheus-client',   # tests/test_prometheus.py
         ],
-        'prometheus': ['prometheus-client'],
+        'prometheus': ['prometheus-client>=0.9'],
         'redis': ['redis'],
         'docs': ['sphinx'],
     },

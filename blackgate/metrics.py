@@ -21,11 +21,11 @@ This module knows nothing of circuit breakers: the breaker asks for a
 import collections
 import math
 import threading
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .events import ERROR_EVENTS, Event
 
-__all__ = ('RollingMetrics', 'HealthCounts')
+__all__ = ('RollingMetrics', 'HealthCounts', 'LatencySummary')
 
 _EVENTS = tuple(Event)
 _INDEX = {event: i for i, event in enumerate(_EVENTS)}
@@ -47,6 +47,17 @@ class HealthCounts(NamedTuple):
 
 
 _NO_HEALTH = HealthCounts(0, 0, 0.0)
+
+
+class LatencySummary(NamedTuple):
+    """Latency in the window, read in one pass: for the metrics stream and exporters."""
+
+    #: how many calls were timed
+    measured: int
+    #: their mean, in seconds (from the histogram: within about 3%, like the percentiles)
+    mean: float
+    #: percentile (0 to 100) -> seconds, for each percentile asked for
+    percentiles: Dict[float, float]
 
 
 _ZERO_BIN = -(1 << 30)
@@ -225,9 +236,21 @@ class RollingMetrics:
         """Time from call to answer (fallback included) at ``percentile``, in seconds."""
         return self._percentile('total', percentile)
 
-    def _percentile(self, which: str, percentile: float) -> float:
-        if not 0 <= percentile <= 100:
-            raise ValueError('percentile must be from 0 to 100, got %r' % (percentile,))
+    def latency_summary(self, percentiles: Iterable[float] = ()) -> LatencySummary:
+        """Count, mean and ``percentiles`` of ``run()``'s execution time, in one pass."""
+        return self._summary('execution', percentiles)
+
+    def total_latency_summary(self, percentiles: Iterable[float] = ()) -> LatencySummary:
+        """Count, mean and ``percentiles`` of the time from call to answer, in one pass."""
+        return self._summary('total', percentiles)
+
+    def _summary(self, which: str, percentiles: Iterable[float]) -> LatencySummary:
+        # One merge of the histograms for many percentiles: the metrics stream reads
+        # nine of them twice per command every half second.
+        wanted = sorted(set(percentiles))
+        for percentile in wanted:
+            if not 0 <= percentile <= 100:
+                raise ValueError('percentile must be from 0 to 100, got %r' % (percentile,))
         merged: Dict[int, int] = {}
         with self._lock:
             for bucket in self._live():
@@ -235,14 +258,23 @@ class RollingMetrics:
                     merged[key] = merged.get(key, 0) + count
         total = sum(merged.values())
         if not total:
-            return 0.0
-        rank = max(1, math.ceil(total * percentile / 100.0))
-        seen = 0
-        for key in sorted(merged):
-            seen += merged[key]
-            if seen >= rank:
-                return _bin_value(key)
-        return _bin_value(max(merged))  # pragma: no cover - rank <= total
+            return LatencySummary(0, 0.0, {p: 0.0 for p in wanted})
+        keys = sorted(merged)
+        values = {}
+        seen, position = 0, 0
+        for percentile in wanted:
+            rank = max(1, math.ceil(total * percentile / 100.0))
+            while seen < rank:
+                seen += merged[keys[position]]
+                position += 1
+            values[percentile] = _bin_value(keys[position - 1])
+        mean = sum(_bin_value(key) * count for key, count in merged.items()) / total
+        return LatencySummary(total, mean, values)
+
+    def _percentile(self, which: str, percentile: float) -> float:
+        if not 0 <= percentile <= 100:
+            raise ValueError('percentile must be from 0 to 100, got %r' % (percentile,))
+        return self._summary(which, (percentile,)).percentiles[percentile]
 
     @property
     def concurrent_executions(self) -> int:

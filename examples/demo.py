@@ -6,6 +6,11 @@ call got and what the circuit breaker did::
 
     python examples/demo.py            # add -v to also see Blackgate's log
 
+It prints the URL of Blackgate's live dashboard (``blackgate.web.routes``),
+which shows the same story as it happens and stays up ten seconds after it
+(``--linger SECONDS`` to change; no lingering when the output is not a
+terminal).
+
 The story, with thresholds shrunk so that it plays fast:
 
 1. the upstream is healthy: calls succeed (``execute()`` from threads and
@@ -32,6 +37,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from blackgate import BreakerState, Command, Event, component
+from blackgate.web import routes
 
 TIMEOUT = 0.5        # the command's timeout, seconds
 STALL = 0.8          # how long a stalled upstream request takes, seconds
@@ -305,6 +311,28 @@ async def story(upstream, watcher):
         calls.threads.shutdown(wait=True)
 
 
+LINGER = 10.0   # seconds the dashboard stays up after the story (--linger N to change)
+
+
+async def with_dashboard(story_coroutine, linger):
+    """Serve Blackgate's live dashboard on 127.0.0.1 while the story runs, and a little after."""
+    sockets = bind_sockets(0, '127.0.0.1')
+    server = HTTPServer(tornado.web.Application(routes('/blackgate'),
+                                                log_function=lambda handler: None))
+    server.add_sockets(sockets)
+    say('live dashboard: http://127.0.0.1:%d/blackgate/ (open it now: it follows the story)',
+        sockets[0].getsockname()[1])
+    try:
+        n_calls = await asyncio.wait_for(story_coroutine, 25)
+        if linger > 0:
+            say('the dashboard stays up %.0f s more (--linger 0 to skip)', linger)
+            await asyncio.sleep(linger)
+        return n_calls
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
 def summary(watcher, upstream, n_calls):
     heading('summary')
     tally = ', '.join('%s %d' % (event.name, watcher.events[event])
@@ -320,6 +348,13 @@ def summary(watcher, upstream, n_calls):
         health.total_requests, health.error_count, health.error_percentage,
         1000 * metrics.latency_percentile(50), 1000 * metrics.latency_percentile(99))
     say('breaker is %s', component.circuit_breaker('get_price').state.name)
+
+
+def _linger():
+    args = sys.argv[1:]
+    if '--linger' in args:
+        return float(args[args.index('--linger') + 1])
+    return LINGER if sys.stdout.isatty() else 0.0   # nobody is looking at a pipe
 
 
 class _OneLine(logging.Formatter):
@@ -344,7 +379,7 @@ def main():
     watcher = Watcher()
     try:
         configure(base_url, watcher)
-        n_calls = asyncio.run(asyncio.wait_for(story(upstream, watcher), 25))
+        n_calls = asyncio.run(with_dashboard(story(upstream, watcher), _linger()))
         summary(watcher, upstream, n_calls)
     finally:
         component.shutdown()
