@@ -10,6 +10,7 @@ import logging
 from .command import Command
 from .errors import BadRequest, BlackgateError, CommandError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event, FailureType
+from .proxy import HTTPProxy, HTTPProxyCommand
 from .registry import Component, component
 
 __version__ = '0.2.0.dev0'
@@ -20,6 +21,8 @@ logging.getLogger('blackgate').addHandler(logging.NullHandler())
 
 __all__ = (
     'Command',
+    'HTTPProxyCommand',
+    'HTTPProxy',
     'component',
     'Component',
     'Event',
