@@ -153,7 +153,14 @@ class CircuitBreaker:
         store = self.store
         if store is not None and store.healthy:
             return   # the fleet's merged counts are judged by the store instead
+        if health is not self.metrics.last_snapshot:
+            return   # overtaken: a newer snapshot, or the counts were reset (breaker closed)
         if self.judge(health):
+            self._transition(CLOSED, OPEN)
+
+    def reevaluate(self) -> None:
+        """Judge the counts as they are now (the store calls it when Redis goes away)."""
+        if self.judge(self.metrics.health()):
             self._transition(CLOSED, OPEN)
 
     def judge(self, health: HealthCounts) -> bool:

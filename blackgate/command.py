@@ -472,13 +472,14 @@ class Command:
         self._bg_events = events
         self._bg_exception = cause
         self._bg_execution_time = elapsed
-        total = rt.clock.monotonic() - start
+        now = rt.clock.monotonic()
+        total = now - start
         if token == TRIAL:
             # Decide first, so that a successful trial's own success starts the fresh window.
             rt.breaker.trial_finished(events[0] is SUCCESS)
-            rt.metrics.record(events, elapsed, total)
+            rt.metrics.record(events, elapsed, total, now)
         else:
-            health = rt.metrics.record(events, elapsed, total)
+            health = rt.metrics.record(events, elapsed, total, now)
             if health is not None:
                 rt.breaker.evaluate(health)
         store = rt.store

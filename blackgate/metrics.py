@@ -109,7 +109,7 @@ class RollingMetrics:
         self._running.pop()
 
     def record(self, events: Tuple[Event, ...], execution_time: Optional[float],
-               total_time: float) -> Optional[HealthCounts]:
+               total_time: float, now: Optional[float] = None) -> Optional[HealthCounts]:
         """Count one completed command: its events and, where ``run()`` ran, its latency.
 
         Returns a new health snapshot when one fell due (every ``snapshot_interval``),
@@ -132,7 +132,8 @@ class RollingMetrics:
             total_key = exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
         else:
             total_key = _ZERO_BIN
-        now = self.clock.monotonic()
+        if now is None:
+            now = self.clock.monotonic()
         index = int(now // self._width)
         with self._lock:
             ring = self._ring
@@ -216,6 +217,11 @@ class RollingMetrics:
                 errors += counts[i]
         total = errors + successes
         return HealthCounts(total, errors, 100.0 * errors / total if total else 0.0)
+
+    @property
+    def last_snapshot(self) -> HealthCounts:
+        """The most recent health snapshot (empty again after :meth:`reset`)."""
+        return self._snapshot
 
     def health_snapshot(self) -> HealthCounts:
         """The health as of the last snapshot, refreshed every ``snapshot_interval``."""

@@ -354,7 +354,7 @@ class RedisStateStore:
                     type(exc).__name__, exc)
         for breaker in list(self._breakers.values()):
             # The local counts were kept all along: judge them now, not at the next call.
-            breaker.evaluate(breaker.metrics.health())
+            breaker.reevaluate()
 
     # -- names ---------------------------------------------------------------------------
 

@@ -711,3 +711,17 @@ def eventually_half_open(breaker, timeout=5.0):
             return False
         time.sleep(0.001)
     return True
+
+
+def test_a_snapshot_overtaken_by_a_reset_does_not_trip_the_closed_breaker():
+    # A completion's snapshot is judged after the lock is released; if the breaker closed
+    # (and its counts were reset) in between, that old snapshot must not re-open it.
+    Flaky = command(circuit_breaker_request_volume_threshold=1)
+    Flaky('fail').execute()
+    breaker = component.circuit_breaker('flaky')
+    metrics = component.metrics('flaky')
+    stale = metrics.last_snapshot
+    assert breaker.state is BreakerState.OPEN and stale.error_count == 1
+    breaker.reset()
+    breaker.evaluate(stale)
+    assert breaker.state is BreakerState.CLOSED
