@@ -28,10 +28,11 @@ breaker adopt the state the fleet agreed on.
    Its lock guards only the state swap; listeners and logging run after the
    lock is released. Asking for ``state`` or ``is_open()`` never changes it.
 """
+import collections
 import logging
-import threading
 import math
-from typing import Any, Callable, Optional
+import threading
+from typing import Any, Callable, Optional, Tuple
 
 from .config import CommandSettings
 from .errors import BlackgateError
@@ -80,6 +81,11 @@ class CircuitBreaker:
         self.clock = clock
         self._notify = notify
         self._lock = threading.Lock()
+        # Moves are announced (logged, told to listeners) after the lock is released, in
+        # the order they happened: queued under the lock, delivered by one thread at a time.
+        self._announcements: 'collections.deque[Tuple[BreakerState, BreakerState, str]]' = \
+            collections.deque()
+        self._announcing = threading.Lock()
         self._state = CLOSED
         self._opened_at = 0.0
         self._trial_started = 0.0
@@ -234,8 +240,9 @@ class CircuitBreaker:
                 self._opened_at = opened_at
             elif state is CLOSED and old is not CLOSED:
                 self.metrics.reset()
-        if old is not state:
-            self._announce(old, state, why)
+            if old is not state:
+                self._announcements.append((old, state, why))
+        self._deliver()
         return True
 
     # -- the one way the state changes ----------------------------------------------
@@ -272,9 +279,23 @@ class CircuitBreaker:
                 self._opened_at = self.clock.monotonic()
             elif to is CLOSED:
                 self.metrics.reset()
-        if old is not to or to is HALF_OPEN:
-            self._announce(old, to, 'reset' if expected is None else _TRANSITIONS[old, to])
+            if old is not to or to is HALF_OPEN:
+                self._announcements.append(
+                    (old, to, 'reset' if expected is None else _TRANSITIONS[old, to]))
+        self._deliver()
         return True
+
+    def _deliver(self) -> None:
+        # Whoever holds _announcing delivers every queued move, in order; a thread that
+        # finds it taken leaves its moves to that thread instead of waiting.
+        while self._announcements:
+            if not self._announcing.acquire(blocking=False):
+                return
+            try:
+                while self._announcements:
+                    self._announce(*self._announcements.popleft())
+            finally:
+                self._announcing.release()
 
     def _announce(self, old: BreakerState, new: BreakerState, why: str) -> None:
         if new is OPEN and why == _TRANSITIONS[CLOSED, OPEN]:

@@ -184,7 +184,7 @@ class Command:
             else:
                 deadline = start + rt.timeout
                 value, error, elapsed, finished = clock.wait_until(future, deadline)
-                if finished > deadline:   # answered, but too late: still a timeout
+                if finished >= deadline:   # answered, but not within the timeout
                     raise _WaitTimeout()
         except _WaitTimeout:
             self._bg_decided = True   # a run() still waiting in the queue is skipped
@@ -275,7 +275,7 @@ class Command:
             return
         value, error, elapsed, finished = outcome
         rt = self._bg_rt
-        if rt.timeout is not None and finished > self._bg_start + rt.timeout:
+        if rt.timeout is not None and finished >= self._bg_start + rt.timeout:
             self._bg_timed_out()   # answered, but after the deadline: its timer is due
             return
         self._bg_decided = True
@@ -584,6 +584,10 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
         exc_info = cause
     elif error is not None and error.fallback_exception is not None:
         exc_info = error.fallback_exception
+    outcome = ', '.join(event.value for event in events[1:])
+    if error is not None and error.fallback_exception is not None:
+        fallback_error = error.fallback_exception
+        outcome += ' (%s: %s)' % (type(fallback_error).__name__, fallback_error)
     log.log(level, '%s %s: %s -> %s', rt.command_key, primary.value,
             '%s: %s' % (type(cause).__name__, cause) if cause is not None else '-',
-            ', '.join(event.value for event in events[1:]), exc_info=exc_info)
+            outcome, exc_info=exc_info)
