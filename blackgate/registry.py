@@ -55,7 +55,7 @@ class KeyState:
         self.run_permits = Permits(settings.max_concurrent_requests)
         self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
 
-    def apply(self, settings: CommandSettings, clock) -> None:
+    def apply(self, settings: CommandSettings) -> None:
         """Take new settings, in place: the counts restart only if the window's shape changed."""
         self.settings = settings
         self.metrics.configure(settings.metrics_rolling_window, settings.metrics_rolling_buckets,
@@ -169,10 +169,10 @@ class Component:
             for settings in resolved.values():
                 state = self._keys.get(settings.command_key)
                 if state is not None:
-                    state.apply(settings, self._clock)
+                    state.apply(settings)
             for command_key, state in self._keys.items():
                 if state.owner is None:   # looked up, never run: follow the configuration
-                    state.apply(self._resolve(None, command_key, {}), self._clock)
+                    state.apply(self._resolve(None, command_key, {}))
             if new_store is not False:
                 self._stop_store()
                 self._store = new_store
@@ -356,7 +356,7 @@ class Component:
                     self._store.attach(state.breaker)
             elif state.owner is None:
                 state.owner = cls.__qualname__
-                state.apply(settings, self._clock)
+                state.apply(settings)
             else:
                 _check_same_key(state.owner, state.settings, cls.__qualname__, settings)
             pool = self._pool_for(settings.group_key) if needs_pool else None
