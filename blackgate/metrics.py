@@ -1,13 +1,16 @@
 """Rolling metrics: counts per event and latency histograms over a time window.
 
 The window is a ring of buckets, each ``metrics_rolling_window /
-metrics_rolling_buckets`` seconds wide. Recording an execution costs O(1):
-find (or open) the newest bucket, add to a few counters and one histogram bin.
-Buckets older than the window fall off as time passes, so an idle command key
+metrics_rolling_buckets`` seconds wide. Recording an execution takes no lock:
+its outcome is appended to a list, and whoever reads next (a health snapshot,
+a reader such as the metrics stream, or the recording thread once
+:data:`FOLD_AT` outcomes wait) folds the list into the buckets under the lock,
+in O(1) per outcome. Every read therefore sees every outcome recorded before
+it. Buckets older than the window fall off as time passes, so an idle command key
 holds no buckets at all once its window has gone by and it has been read.
 
-Latency is kept in log-linear histograms (16 bins per power of two, so a
-percentile is within about 3% of the true value), bounded in size whatever the
+Latency is kept in logarithmic histograms (16 bins per power of two, so a
+percentile is within 2.2% of the true value), bounded in size whatever the
 traffic.
 
 This module knows nothing of circuit breakers: the breaker asks for a
@@ -15,8 +18,8 @@ This module knows nothing of circuit breakers: the breaker asks for a
 
 .. warning::
 
-   Every method may be called from any thread. The lock guards only counter
-   updates and reads; no user code ever runs under it.
+   Every method may be called from any thread. The lock guards only the fold
+   and the reads; no user code ever runs under it.
 """
 import math
 import threading
@@ -30,8 +33,10 @@ _EVENTS = tuple(Event)
 _INDEX = {event: i for i, event in enumerate(_EVENTS)}
 _ERROR_INDEXES = tuple(_INDEX[e] for e in ERROR_EVENTS)
 _SUCCESS_INDEX = _INDEX[Event.SUCCESS]
-_SUB_BINS = 32          # mantissa in [0.5, 1) maps to bins 16..31: 16 bins per octave
-_frexp = math.frexp
+_BINS_PER_OCTAVE = 16   # bin k holds [2**(j/16), 2**((j+1)/16)) seconds, j = k - _KEY_OFFSET
+# Keeps keys positive for any time from 2**-64 s up, so that int() is floor(): cheaper.
+_KEY_OFFSET = 64 * _BINS_PER_OCTAVE
+_log2 = math.log2
 
 
 class HealthCounts(NamedTuple):
@@ -53,22 +58,37 @@ class LatencySummary(NamedTuple):
 
     #: how many calls were timed
     measured: int
-    #: their mean, in seconds (from the histogram: within about 3%, like the percentiles)
+    #: their mean, in seconds (from the histogram: within 2.2%, like the percentiles)
     mean: float
     #: percentile (0 to 100) -> seconds, for each percentile asked for
     percentiles: Dict[float, float]
 
 
 _ZERO_BIN = -(1 << 30)
+#: outcomes recorded without the lock before the recording thread folds them itself
+FOLD_AT = 128
 # events tuple -> positions in a bucket's counts; outcomes are few, so this stays tiny
 _POSITIONS: Dict[Tuple[Event, ...], Tuple[int, ...]] = {}
 
 
 def _bin_value(key: int) -> float:
+    """The middle of a bin, geometrically: within 2**(1/32) - 1 = 2.2% of all it holds."""
     if key == _ZERO_BIN:
         return 0.0
-    exponent, sub = divmod(key, _SUB_BINS)
-    return math.ldexp((sub + 0.5) / _SUB_BINS, exponent)
+    return 2.0 ** ((key - _KEY_OFFSET + 0.5) / _BINS_PER_OCTAVE)
+
+
+def _add_counts(bucket: Optional['_Bucket'], events: Tuple[Event, ...], times: int) -> None:
+    if bucket is None:
+        return
+    positions = _POSITIONS.get(events)
+    if positions is None:
+        positions = tuple(_INDEX[event] for event in events)
+        if len(_POSITIONS) < 4096:
+            _POSITIONS[tuple(events)] = positions
+    counts = bucket.counts
+    for position in positions:
+        counts[position] += times
 
 
 class _Bucket:
@@ -84,8 +104,8 @@ class _Bucket:
 class RollingMetrics:
     """Rolling counts, latency percentiles and health of one command key."""
 
-    __slots__ = ('command_key', 'clock', '_lock', '_ring', '_running', '_shape', '_window',
-                 '_width', '_interval', '_buckets', '_snapshot', '_snapshot_due')
+    __slots__ = ('command_key', 'clock', '_lock', '_ring', '_pending', '_running', '_shape',
+                 '_window', '_width', '_interval', '_buckets', '_snapshot', '_snapshot_due')
 
     def __init__(self, command_key: str, window: float, buckets: int,
                  snapshot_interval: float, clock) -> None:
@@ -95,6 +115,8 @@ class RollingMetrics:
         # Oldest bucket first; at most metrics_rolling_buckets long, so a list (far smaller
         # than a deque when idle) is as quick.
         self._ring: List[_Bucket] = []
+        # (now, events, execution_time, total_time) of outcomes not yet in their bucket
+        self._pending: List[Tuple[float, Tuple[Event, ...], Optional[float], float]] = []
         self._running: List[None] = []   # one item per run() in progress
         self._shape: Optional[Tuple[float, int, float]] = None
         self._window = self._width = self._interval = 0.0
@@ -119,49 +141,92 @@ class RollingMetrics:
         Returns a new health snapshot when one fell due (every ``snapshot_interval``),
         else None: whoever judges health need look only then.
         """
-        positions = _POSITIONS.get(events)
-        if positions is None:
-            positions = tuple(_INDEX[event] for event in events)
-            if len(_POSITIONS) < 4096:
-                _POSITIONS[tuple(events)] = positions
-        if execution_time is None:
-            execution_key = None
-        elif execution_time > 0:
-            mantissa, exponent = _frexp(execution_time)
-            execution_key = exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
-        else:
-            execution_key = _ZERO_BIN
-        if total_time > 0:
-            mantissa, exponent = _frexp(total_time)
-            total_key = exponent * _SUB_BINS + int(mantissa * _SUB_BINS)
-        else:
-            total_key = _ZERO_BIN
         if now is None:
             now = self.clock.monotonic()
-        index = int(now // self._width)
+        # No lock here: list.append is atomic, and the outcome waits in _pending until
+        # whoever reads the counts next (a snapshot, a reader, or the FOLD_AT-th record)
+        # folds it into its bucket. That is how Hystrix counts too: commands publish
+        # their outcome, and the rolling windows are built from that stream.
+        pending = self._pending
+        pending.append((now, events, execution_time, total_time))
+        if now < self._snapshot_due and len(pending) < FOLD_AT:
+            return None
         with self._lock:
-            ring = self._ring
-            if ring and ring[-1].index >= index:
-                bucket = ring[-1]
-            else:
-                bucket = _Bucket(index)
-                ring.append(bucket)
-                oldest = index - self._buckets
-                while ring[0].index <= oldest:
-                    del ring[0]
-            counts = bucket.counts
-            for position in positions:
-                counts[position] += 1
-            if execution_key is not None:
-                histogram = bucket.execution
-                histogram[execution_key] = histogram.get(execution_key, 0) + 1
-            histogram = bucket.total
-            histogram[total_key] = histogram.get(total_key, 0) + 1
+            self._fold()
             if now < self._snapshot_due:
                 return None
             self._snapshot = self._health(now)
             self._snapshot_due = now + self._interval
             return self._snapshot
+
+    def _fold(self) -> None:
+        """Move the outcomes recorded since the last fold into their buckets (lock held)."""
+        pending = self._pending
+        taken = len(pending)
+        if not taken:
+            return
+        # Records only ever append, so the first `taken` items are exactly what this fold
+        # owns; anything appended meanwhile stays for the next one.
+        batch = pending[:taken]
+        del pending[:taken]
+        width = self._width
+        # Outcomes come in runs (one bucket, one tuple of events): the counts are added
+        # once per run, and the bucket looked up only when a record's time leaves it.
+        bucket: Optional[_Bucket] = None
+        low = high = 0.0
+        run_events: Tuple[Event, ...] = ()
+        run = 0
+        for now, events, execution_time, total_time in batch:
+            if not low <= now < high:
+                if run:
+                    _add_counts(bucket, run_events, run)
+                    run = 0
+                index = int(now // width)
+                bucket = self._bucket(index)
+                low = index * width
+                high = low + width
+            if bucket is None:   # older than the window: it no longer counts
+                continue
+            if events is not run_events:
+                if run:
+                    _add_counts(bucket, run_events, run)
+                run_events, run = events, 1
+            else:
+                run += 1
+            if execution_time is not None:
+                key = int(_log2(execution_time) * _BINS_PER_OCTAVE + _KEY_OFFSET) \
+                    if execution_time > 0 else _ZERO_BIN
+                histogram = bucket.execution
+                histogram[key] = histogram.get(key, 0) + 1
+            key = int(_log2(total_time) * _BINS_PER_OCTAVE + _KEY_OFFSET) if total_time > 0 \
+                else _ZERO_BIN
+            histogram = bucket.total
+            histogram[key] = histogram.get(key, 0) + 1
+        if run:
+            _add_counts(bucket, run_events, run)
+
+    def _bucket(self, index: int) -> Optional[_Bucket]:
+        """The bucket numbered ``index``, opened if need be; None if it fell out of the window."""
+        ring = self._ring
+        if not ring or ring[-1].index < index:
+            bucket = _Bucket(index)
+            ring.append(bucket)
+            oldest = index - self._buckets
+            while ring[0].index <= oldest:
+                del ring[0]
+            return bucket
+        if index <= ring[-1].index - self._buckets:
+            return None
+        # An outcome recorded a little before one already folded (threads race to the
+        # list): its bucket is near the end, or missing from a gap in the traffic.
+        position = len(ring) - 1
+        while position >= 0 and ring[position].index > index:
+            position -= 1
+        if position >= 0 and ring[position].index == index:
+            return ring[position]
+        bucket = _Bucket(index)
+        ring.insert(position + 1, bucket)
+        return bucket
 
     def configure(self, window: float, buckets: int, snapshot_interval: float) -> None:
         """Take a new window shape; the counts restart if it changed."""
@@ -173,6 +238,7 @@ class RollingMetrics:
             self._window, self._buckets, self._interval = shape
             self._width = self._window / self._buckets
             self._ring.clear()
+            del self._pending[:]
             self._snapshot = _NO_HEALTH
             self._snapshot_due = -math.inf
 
@@ -180,13 +246,18 @@ class RollingMetrics:
         """Forget every bucket (the breaker does this when it closes)."""
         with self._lock:
             self._ring.clear()
+            # What was recorded before the reset goes with it; a record racing with it
+            # lands after, as if it came just after the reset.
+            del self._pending[:len(self._pending)]
             self._snapshot = _NO_HEALTH
             self._snapshot_due = -math.inf
 
     # -- reading --------------------------------------------------------------------
 
     def _live(self, now: Optional[float] = None) -> List[_Bucket]:
-        # Caller holds the lock. Drops buckets that fell out of the window.
+        # Caller holds the lock. Folds what is pending, then drops buckets that fell out
+        # of the window.
+        self._fold()
         if now is None:
             now = self.clock.monotonic()
         oldest = int(now // self._width) - self._buckets
