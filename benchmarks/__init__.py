@@ -8,8 +8,8 @@
 - ``peers``: pybreaker, circuitbreaker, aiobreaker and purgatory wired to the same work;
 - ``harness``: interleaved rounds and their statistics; ``results``: rows, targets,
   verdicts; ``report``: tables, JSON, chart; ``plan``: full and quick sizes;
-- ``hotspots``: where a Blackgate call spends its time; ``experiments``: prototypes
-  of suggested library changes.
+- ``hotspots``: where a Blackgate call spends its time; ``experiments``: a prototype
+  that was measured and not adopted, with the reason.
 
 The older single-purpose scripts (``overhead``, ``memory``, ``fleet``,
 ``stream_cost``) still run on their own.

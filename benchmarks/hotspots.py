@@ -110,7 +110,7 @@ def steps(case: str) -> None:
               'rt.metrics.record(SC, None, 1e-6)', ns)
         _step('_log_failure()  (level disabled)', 'C._log_failure(rt, SC, cause, None)', ns)
         _step('_bg_finish(DENY, ...)  (includes record and _log_failure)',
-              'cmd._bg_finish(rt, DENY, list(SC), 0.0, None, cause, None)', ns)
+              'cmd._bg_finish(rt, DENY, SC, 0.0, None, cause, None)', ns)
     if case == 'open_execute':
         _step('cls()._bg_fail_sync(...)  (all of the above after allow_request)',
               'cls()._bg_fail_sync(rt, DENY, Event.SHORT_CIRCUITED, 0.0, None)', ns)

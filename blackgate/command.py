@@ -42,6 +42,11 @@ _SUCCESS_ONLY = (SUCCESS,)
 _BAD_REQUEST_ONLY = (BAD_REQUEST,)
 _QUIET_PRIMARY = frozenset((Event.SHORT_CIRCUITED, Event.THREAD_POOL_REJECTED,
                             Event.SEMAPHORE_REJECTED))
+# the events whose cause is built from the runtime when first read (a rejection's is
+# built at once: it tells how full the pool was then)
+_BUILT_CAUSE = frozenset((Event.SHORT_CIRCUITED, Event.SEMAPHORE_REJECTED, Event.TIMEOUT))
+# primary event -> the events of an execution whose fallback then returned
+_FELL_BACK = {event: (event, Event.FALLBACK_SUCCESS) for event in Event}
 
 
 class _Runtime:
@@ -177,7 +182,8 @@ class Command:
             return self._bg_fail_sync(rt, token, Event.SHORT_CIRCUITED, start, None)
         future = rt.pool.try_submit(self._bg_work, rt)
         if future is None:
-            return self._bg_fail_sync(rt, token, Event.THREAD_POOL_REJECTED, start, None)
+            return self._bg_fail_sync(rt, token, Event.THREAD_POOL_REJECTED, start, None,
+                                      _cause(rt, Event.THREAD_POOL_REJECTED))
         try:
             if rt.timeout is None:
                 value, error, elapsed, finished = future.result()
@@ -221,7 +227,8 @@ class Command:
         elif rt.run_is_async:
             self._bg_start_coroutine(rt, loop)
         elif rt.pool.try_submit(self._bg_work, rt, then=self._bg_hand_over) is None:
-            self._bg_fail_async(rt, Event.THREAD_POOL_REJECTED, None)
+            self._bg_fail_async(rt, Event.THREAD_POOL_REJECTED, None,
+                                _cause(rt, Event.THREAD_POOL_REJECTED))
         elif rt.timeout is not None:
             remaining = self._bg_start + rt.timeout - rt.clock.monotonic()
             self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
@@ -326,152 +333,147 @@ class Command:
             permits.release()
             rt.metrics.execution_finished()
             raise
-        if _EAGER:
-            task = asyncio.Task(coroutine, loop=loop, eager_start=True)  # type: ignore[call-arg]
+        if _EAGER:   # run() starts now, and one that needs no I/O is settled with no loop pass
+            task = asyncio.Task(self._bg_drive(rt, coroutine), loop=loop,  # type: ignore
+                                eager_start=True)
         else:
-            task = loop.create_task(coroutine)
-        self._bg_task = task
+            task = loop.create_task(self._bg_drive(rt, coroutine))
         if task.done():
-            self._bg_task_done(task)
             return
-        task.add_done_callback(self._bg_task_done)
+        self._bg_task = task
         if rt.timeout is not None:
             remaining = rt.timeout - (rt.clock.monotonic() - self._bg_start)
             self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
 
-    def _bg_task_done(self, task: 'asyncio.Task[Any]') -> None:
-        rt = self._bg_rt
+    async def _bg_drive(self, rt: _Runtime, coroutine) -> None:
+        """The task of an ``async def run()``: await it, then settle in the same step."""
+        try:
+            value, error = await coroutine, None
+        except BaseException as exc:   # cancelled by our timeout, or anything run() raised
+            value, error = None, exc
         rt.state.run_permits.release()
         rt.metrics.execution_finished()
-        if self._bg_decided:
-            if not task.cancelled():
-                task.exception()    # retrieved, so asyncio does not log it as lost
-            return
-        self._bg_decided = True
-        timer = self.__dict__.get('_bg_timer')
-        if timer is not None:
-            timer.cancel()
-        elapsed = rt.clock.monotonic() - self._bg_run_started
-        if task.cancelled():
-            self._bg_fail_async(rt, Event.FAILURE, elapsed, asyncio.CancelledError())
-            return
-        error = task.exception()
-        self._bg_settle_async(rt, None if error is not None else task.result(), error, elapsed)
+        if not self._bg_decided:
+            self._bg_decided = True
+            timer = self.__dict__.get('_bg_timer')
+            if timer is not None:
+                timer.cancel()
+            self._bg_settle_async(rt, value, error, rt.clock.monotonic() - self._bg_run_started)
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise error
 
     # -- fallback --------------------------------------------------------------------
+    #
+    # The usual outcome (the fallback ran and returned) takes no lock, builds no
+    # exception and makes no log call when INFO is off: a short-circuit must cost
+    # little more than calling fallback() directly. The rest is the slow path.
 
-    def _bg_fallback_denied(self, rt: _Runtime, events: list, cause: BaseException
-                            ) -> Optional[CommandError]:
-        """The error to raise if no fallback may run; otherwise None and a permit is held."""
-        primary = events[0]
+    def _bg_fallback_denied(self, rt: _Runtime, event: Event, cause: BaseException
+                            ) -> Tuple[Tuple[Event, ...], CommandError]:
+        """No fallback may run (none, or no permit): the events and the error to raise."""
         if not rt.has_fallback:
-            events.append(Event.FALLBACK_MISSING)
-            return CommandError(rt.command_key, FAILURE_TYPE_OF[primary], cause, None,
-                                'no fallback is available (FALLBACK_MISSING)')
-        if not rt.state.fallback_permits.try_acquire():
-            events.append(Event.FALLBACK_REJECTION)
-            return CommandError(rt.command_key, FailureType.REJECTED_SEMAPHORE_FALLBACK, cause,
-                                None, 'the fallback was rejected: %d fallbacks already running '
-                                '(FALLBACK_REJECTION)' % (rt.state.fallback_permits.limit,))
-        return None
+            return (event, Event.FALLBACK_MISSING), CommandError(
+                rt.command_key, FAILURE_TYPE_OF[event], cause, None,
+                'no fallback is available (FALLBACK_MISSING)')
+        return (event, Event.FALLBACK_REJECTION), CommandError(
+            rt.command_key, FailureType.REJECTED_SEMAPHORE_FALLBACK, cause, None,
+            'the fallback was rejected: %d fallbacks already running (FALLBACK_REJECTION)'
+            % (rt.state.fallback_permits.limit,))
 
-    def _bg_fallback_failed(self, rt: _Runtime, events: list, cause: BaseException,
-                            error: BaseException) -> CommandError:
-        events.append(Event.FALLBACK_FAILURE)
-        return CommandError(rt.command_key, FAILURE_TYPE_OF[events[0]], cause, error,
-                            'the fallback failed (FALLBACK_FAILURE: %s: %s)'
-                            % (type(error).__name__, error))
+    def _bg_fallback_failed(self, rt: _Runtime, event: Event, cause: BaseException,
+                            error: BaseException) -> Tuple[Tuple[Event, ...], CommandError]:
+        failed = CommandError(rt.command_key, FAILURE_TYPE_OF[event], cause, error,
+                              'the fallback failed (FALLBACK_FAILURE: %s: %s)'
+                              % (type(error).__name__, error))
+        failed.__cause__ = error
+        return (event, Event.FALLBACK_FAILURE), failed
 
     def _bg_fail_sync(self, rt: _Runtime, token: int, event: Event, start: float,
                       elapsed: Optional[float], error: Optional[BaseException] = None) -> Any:
-        cause = error if error is not None else _cause(rt, event)
-        events = [event]
-        denied = self._bg_fallback_denied(rt, events, cause)
-        escaped = None
-        if denied is None:
+        # `error` is what run() raised; None means the cause is built from `event`,
+        # and only when somebody needs it.
+        permits = rt.state.fallback_permits
+        if rt.has_fallback and permits.try_acquire():
             try:
                 value = self.fallback()
             except BaseException as exc:   # counted even if it is KeyboardInterrupt
-                denied = self._bg_fallback_failed(rt, events, cause, exc)
-                denied.__cause__ = exc
+                permits.release()
+                cause = error if error is not None else _cause(rt, event)
+                events, failed = self._bg_fallback_failed(rt, event, cause, exc)
+                self._bg_finish(rt, token, events, start, elapsed, cause, failed)
                 if not isinstance(exc, Exception):
-                    escaped = exc
-            else:
-                events.append(Event.FALLBACK_SUCCESS)
-            finally:
-                rt.state.fallback_permits.release()
+                    raise
+                raise failed from exc
+            permits.release()
+            self._bg_finish(rt, token, _FELL_BACK[event], start, elapsed, error)
+            return value
+        cause = error if error is not None else _cause(rt, event)
+        events, denied = self._bg_fallback_denied(rt, event, cause)
         self._bg_finish(rt, token, events, start, elapsed, cause, denied)
-        if escaped is not None:
-            raise escaped
-        if denied is not None:
-            if denied.__cause__ is None:
-                denied.__cause__ = cause
-            raise denied
-        return value
+        raise denied from cause
 
     def _bg_fail_async(self, rt: _Runtime, event: Event, elapsed: Optional[float],
                        error: Optional[BaseException] = None) -> None:
-        cause = error if error is not None else _cause(rt, event)
-        events = [event]
-        denied = self._bg_fallback_denied(rt, events, cause)
-        if denied is not None:
-            self._bg_resolve(rt, events, elapsed, cause, denied, None)
+        permits = rt.state.fallback_permits
+        if not (rt.has_fallback and permits.try_acquire()):
+            cause = error if error is not None else _cause(rt, event)
+            events, denied = self._bg_fallback_denied(rt, event, cause)
+            denied.__cause__ = cause
+            self._bg_resolve(rt, events, denied, elapsed, cause)
             return
         try:
             value = self.fallback()
         except BaseException as exc:   # the future must resolve whatever the fallback raised
-            rt.state.fallback_permits.release()
-            self._bg_resolve(rt, events, elapsed, cause,
-                             self._bg_fallback_failed(rt, events, cause, exc), None, exc)
+            permits.release()
+            cause = error if error is not None else _cause(rt, event)
+            self._bg_resolve(rt, *self._bg_fallback_failed(rt, event, cause, exc),
+                             elapsed=elapsed, cause=cause, value=None)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return
         if not rt.fallback_is_async:
-            rt.state.fallback_permits.release()
-            events.append(Event.FALLBACK_SUCCESS)
-            self._bg_resolve(rt, events, elapsed, cause, None, value)
+            permits.release()
+            self._bg_resolve(rt, _FELL_BACK[event], None, elapsed, error, value)
             return
 
         def fallback_done(task: 'asyncio.Future[Any]') -> None:
-            rt.state.fallback_permits.release()
-            exc = None if task.cancelled() else task.exception()
-            if task.cancelled():
-                exc = asyncio.CancelledError()
+            permits.release()
+            exc = asyncio.CancelledError() if task.cancelled() else task.exception()
             if exc is not None:
-                self._bg_resolve(rt, events, elapsed, cause,
-                                 self._bg_fallback_failed(rt, events, cause, exc), None, exc)
+                cause = error if error is not None else _cause(rt, event)
+                self._bg_resolve(rt, *self._bg_fallback_failed(rt, event, cause, exc),
+                                 elapsed=elapsed, cause=cause, value=None)
             else:
-                events.append(Event.FALLBACK_SUCCESS)
-                self._bg_resolve(rt, events, elapsed, cause, None, task.result())
+                self._bg_resolve(rt, _FELL_BACK[event], None, elapsed, error, task.result())
 
         asyncio.ensure_future(value).add_done_callback(fallback_done)
 
-    def _bg_resolve(self, rt: _Runtime, events: list, elapsed: Optional[float],
-                    cause: BaseException, denied: Optional[CommandError], value: Any,
-                    fallback_error: Optional[BaseException] = None) -> None:
-        if denied is not None and fallback_error is not None:
-            denied.__cause__ = fallback_error
-        elif denied is not None:
-            denied.__cause__ = cause
-        self._bg_finish(rt, self._bg_token, events, self._bg_start, elapsed, cause, denied)
+    def _bg_resolve(self, rt: _Runtime, events: Tuple[Event, ...], error: Optional[CommandError],
+                    elapsed: Optional[float], cause: Optional[BaseException],
+                    value: Any = None) -> None:
+        self._bg_finish(rt, self._bg_token, events, self._bg_start, elapsed, cause, error)
         future = self._bg_future
         if future.cancelled():
             return
-        if denied is not None:
-            future.set_exception(denied)
+        if error is not None:
+            future.set_exception(error)
         else:
             future.set_result(value)
 
     # -- bookkeeping -----------------------------------------------------------------
 
-    def _bg_finish(self, rt: _Runtime, token: int, events, start: float,
+    def _bg_finish(self, rt: _Runtime, token: int, events: Tuple[Event, ...], start: float,
                    elapsed: Optional[float], cause: Optional[BaseException],
                    error: Optional[CommandError] = None) -> None:
-        """Record the outcome: instance state, metrics, breaker, listeners, one log record."""
-        events = tuple(events)
+        """Record the outcome: instance state, metrics, breaker, listeners, one log record.
+
+        ``cause`` None on a failed outcome means it is built from the event when read.
+        """
         self._bg_events = events
-        self._bg_exception = cause
+        if cause is not None:
+            self._bg_exception = cause
         self._bg_execution_time = elapsed
+        self._bg_rt = rt
         now = rt.clock.monotonic()
         total = now - start
         if token == TRIAL:
@@ -487,8 +489,12 @@ class Command:
             store.pending.append((rt.command_key, events, rt.clock.wall()))
         if rt.component._listeners:
             rt.component._emit(rt.command_key, events)
-        if events[0] is not SUCCESS and events[0] is not BAD_REQUEST:
-            _log_failure(rt, events, cause, error)
+        primary = events[0]
+        if primary is SUCCESS or primary is BAD_REQUEST:
+            return
+        if error is None and primary in _QUIET_PRIMARY and not log.isEnabledFor(logging.INFO):
+            return   # a short-circuit or rejection that fell back: logged at INFO
+        _log_failure(rt, events, self.execution_exception, error)
 
     # -- what happened (DESIGN.md §5.8) --------------------------------------------------
 
@@ -531,7 +537,13 @@ class Command:
     @property
     def execution_exception(self) -> Optional[BaseException]:
         """What made ``run()`` fail: its exception, or the timeout, rejection or short-circuit."""
-        return self._bg_exception
+        cause = self._bg_exception
+        if cause is None and self._bg_events and self._bg_events[0] in _BUILT_CAUSE:
+            # Built on first read (nobody reads most short-circuits' causes); setdefault
+            # makes two threads reading at once agree on one object.
+            cause = self.__dict__.setdefault('_bg_exception',
+                                             _cause(self._bg_rt, self._bg_events[0]))
+        return cause
 
     @property
     def execution_time(self) -> Optional[float]:

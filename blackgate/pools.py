@@ -22,38 +22,45 @@ __all__ = ('ExecutorPool', 'Permits')
 
 
 class Permits:
-    """A non-blocking counting semaphore: ``try_acquire()`` is True or False at once."""
+    """A non-blocking counting semaphore: ``try_acquire()`` is True or False at once.
 
-    __slots__ = ('limit', '_in_use', '_lock', 'rejected')
+    Lock-free, like Hystrix's ``TryableSemaphore``: a thread takes a permit
+    first and gives it back if that went over the limit, so two threads racing
+    for the last permit may both be refused, but never both admitted.
+    """
+
+    __slots__ = ('limit', '_held', '_lock', 'rejected')
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._in_use = 0
-        self._lock = threading.Lock()
+        # One item per permit taken: list.append and list.pop are atomic.
+        self._held: List[None] = []
+        self._lock = threading.Lock()   # only for the rejection count
         #: how many acquisitions were refused since creation
         self.rejected = 0
 
     def try_acquire(self) -> bool:
         """Take a permit if one is free; never waits."""
-        with self._lock:
-            if self._in_use >= self.limit:
-                self.rejected += 1
-                return False
-            self._in_use += 1
+        held = self._held
+        held.append(None)
+        if len(held) <= self.limit:
             return True
+        held.pop()
+        with self._lock:
+            self.rejected += 1
+        return False
 
     def release(self) -> None:
         """Give back a permit taken with :meth:`try_acquire`."""
-        with self._lock:
-            self._in_use -= 1
+        self._held.pop()
 
     @property
     def in_use(self) -> int:
         """Permits taken now."""
-        return self._in_use
+        return min(len(self._held), self.limit)
 
     def __repr__(self) -> str:
-        return '<Permits %d/%d>' % (self._in_use, self.limit)
+        return '<Permits %d/%d>' % (len(self._held), self.limit)
 
 
 class ExecutorPool:

@@ -516,6 +516,9 @@ def test_execution_exception_of_each_outcome(clock, gates, scenario, events, res
         assert cmd.execution_exception is cmd.error
     else:
         assert isinstance(cmd.execution_exception, Exception)
+        # built when first read for a short-circuit or timeout; the same one every time
+        assert cmd.execution_exception is cmd.execution_exception
+        assert cmd.command_key in str(cmd.execution_exception)
 
 
 @pytest.mark.parametrize('scenario, events, result, true, exception, elapsed', OUTCOMES)

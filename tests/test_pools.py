@@ -1,12 +1,14 @@
 """Fail-fast bulkheads (DESIGN.md §4, §5 steps 3 and 4; issue 3, Done when 4 and 6)."""
 import asyncio
 import concurrent.futures
+import sys
 import threading
 import time
 
 import pytest
 
 from blackgate import Command, Event, component
+from blackgate.pools import Permits
 
 WAIT = 5.0   # seconds: the bound on every wait between threads
 GROUP = 'bulkhead'
@@ -566,3 +568,39 @@ def test_hundred_twenty_ms_runs_on_ten_workers_take_ten_rounds_not_a_hundred(sys
     assert 0.19 <= elapsed < 1.0               # 10 rounds = 0.2 s; serial would be 2 s
     assert most == 10
     assert pool.completed_count == 100
+
+
+def test_permits_never_admit_more_than_their_limit_under_contention():
+    # Permits take no lock (a thread takes one, then gives it back if that went over the
+    # limit), so a race may refuse a caller that could have had the last permit: never
+    # admit one too many, and count every refusal.
+    permits = Permits(3)
+    guard = threading.Lock()
+    held = [0, 0]            # now, most ever
+    refused = [0] * 8
+    barrier = threading.Barrier(8)
+
+    def contend(me):
+        barrier.wait(30)
+        for _ in range(5000):
+            if not permits.try_acquire():
+                refused[me] += 1
+                continue
+            with guard:
+                held[0] += 1
+                held[1] = max(held)
+            with guard:
+                held[0] -= 1
+            permits.release()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        futures = [in_thread(contend, me) for me in range(8)]
+        for future in futures:
+            future.result(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert 1 <= held[1] <= 3
+    assert sum(refused) == permits.rejected > 0
+    assert permits.in_use == 0

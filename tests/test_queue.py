@@ -8,6 +8,7 @@ every wait is bounded (``WAIT``, and pytest-tornado's own test timeout).
 import asyncio
 import gc
 import logging
+import sys
 import threading
 
 import pytest
@@ -747,6 +748,77 @@ async def test_semaphore_permit_comes_back_after_a_failure():
         cmd = AsyncBroken()
         assert await cmd.queue() == 'stale'
         assert cmd.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+
+
+class InItsOwnTask(Command):
+    """async run() that notes the task it runs in, before and after it suspends."""
+
+    async def run(self):
+        self.tasks = [asyncio.current_task()]
+        await asyncio.sleep(0)
+        self.tasks.append(asyncio.current_task())
+        return 'fresh'
+
+
+@pytest.mark.gen_test
+async def test_async_run_runs_in_a_task_of_its_own_from_its_first_step():
+    # So that what run() sets up before it first suspends (asyncio.timeout(), a TaskGroup,
+    # a cancel scope) belongs to run()'s task, never to the caller's.
+    cmd = InItsOwnTask()
+    assert await cmd.queue() == 'fresh'
+    caller = asyncio.current_task()
+    assert cmd.tasks[0] is cmd.tasks[1]
+    assert cmd.tasks[0] is not caller
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason='asyncio.timeout() is new in 3.11')
+@pytest.mark.gen_test
+async def test_asyncio_timeout_inside_async_run_cancels_run_not_the_caller():
+    class WithItsOwnTimeout(Command):
+        timeout_enabled = False
+
+        async def run(self):
+            async with asyncio.timeout(0.01):
+                await asyncio.Event().wait()
+
+        def fallback(self):
+            return 'stale'
+
+    cmd = WithItsOwnTimeout()
+    assert await asyncio.wait_for(cmd.queue(), WAIT) == 'stale'
+    assert cmd.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+    assert isinstance(cmd.execution_exception, TimeoutError)
+    assert asyncio.current_task().cancelling() == 0
+
+
+@pytest.mark.gen_test
+async def test_async_run_that_needs_no_io_is_answered_without_waiting_for_the_loop():
+    class Cached(Command):
+        async def run(self):
+            return 'fresh'
+
+    future = Cached().queue()
+    if sys.version_info >= (3, 12):   # eager tasks: run() went as far as it could at once
+        assert future.done() and future.result() == 'fresh'
+    else:
+        assert await future == 'fresh'
+
+
+@pytest.mark.gen_test
+async def test_async_run_result_reaches_the_caller_in_the_loop_pass_it_finished_in():
+    # Blackgate settles the future inside run()'s own task step: no extra pass of the loop.
+    release = asyncio.Event()
+    cmd = AsyncHeld(release)
+    future = cmd.queue()
+    await spin()
+    release.set()
+    passes = 0
+    while not future.done():
+        await asyncio.sleep(0)
+        passes += 1
+    # run() resumes, returns and settles the future in the first pass after the release
+    assert passes == 1
+    assert future.result() == 'fresh'
 
 
 @pytest.mark.gen_test

@@ -1,96 +1,88 @@
-"""Start an ``async def run()`` inline and settle at once if it finishes without suspending.
+"""Why ``queue()`` does not step an ``async def run()`` inline before Python 3.12.
 
     python -m benchmarks.experiments.inline_async_run
 
-What Python 3.12's eager tasks do, for every version: ``queue()`` steps the
-coroutine once itself. If it returns, the outcome is recorded and the future
-resolved there and then: no Task, no timer, no pass of the event loop. If it
-suspends, a Task carries it on from where it stopped (``_Resumed``) and the
-timer is armed, as today.
+On Python 3.12+ ``queue()`` starts run()'s task eagerly: a run() that needs no
+I/O is settled with no pass of the event loop. Before 3.12 a task always
+waits for the loop, so the only way to the same speed is to step the
+coroutine once on the caller's own stack, and hand it to a task only if it
+suspends. This prototype does only that (none of the pipeline's bookkeeping),
+and shows both sides: what the step itself costs, and what it breaks. During that first step ``asyncio.current_task()`` is the
+*caller's* task, so an ``asyncio.timeout()`` (or a TaskGroup, or an anyio
+cancel scope) that run() enters before it first suspends belongs to the
+caller: when it expires, it cancels the caller, not run().
 """
 import asyncio
+import contextvars
+import sys
 import time
 
-from blackgate import Event
-from blackgate import command as C
+from blackgate import Command
 
 from ..cases import AsyncRun, _fresh_component
 
 CALLS = 50_000
 
 
-def _drive(coroutine, yielded):
-    """Go on driving ``coroutine``, which already yielded ``yielded``."""
-    while True:
-        try:
-            value = yield yielded
-        except BaseException as exc:
-            try:
-                yielded = coroutine.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coroutine.send(value)
-            except StopIteration as stop:
-                return stop.value
-
-
 class _Resumed:
+    """Awaitable that goes on driving ``coroutine``, which already yielded ``yielded``."""
+
     def __init__(self, coroutine, yielded):
         self.coroutine, self.yielded = coroutine, yielded
 
     def __await__(self):
-        return _drive(self.coroutine, self.yielded)
+        coroutine, yielded = self.coroutine, self.yielded
+        while True:
+            try:
+                value = yield yielded
+            except BaseException as exc:
+                try:
+                    yielded = coroutine.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coroutine.send(value)
+                except StopIteration as stop:
+                    return stop.value
 
 
-async def _resume(coroutine, yielded):
-    return await _Resumed(coroutine, yielded)
-
-
-class Inline(AsyncRun):
-    command_key = AsyncRun.command_key
-
-    def queue(self):
-        loop = C._get_running_loop()
-        self._bg_claim()
-        self._bg_rt = rt = C._runtime(AsyncRun)
-        self._bg_loop = loop
-        self._bg_future = future = loop.create_future()
-        self._bg_start = rt.clock.monotonic()
-        self._bg_token = rt.breaker.allow_request()
-        permits = rt.state.run_permits
-        if not permits.try_acquire():
-            raise RuntimeError('the prototype covers the admitted path only')
-        rt.metrics.execution_started()
-        self._bg_run_started = started = rt.clock.monotonic()
-        coroutine = self.run()
-        try:
-            yielded = coroutine.send(None)
-        except StopIteration as stop:          # finished without suspending
-            permits.release()
-            rt.metrics.execution_finished()
-            self._bg_decided = True
-            self._bg_settle_async(rt, stop.value, None, rt.clock.monotonic() - started)
-            return future
-        task = loop.create_task(_resume(coroutine, yielded))
-        self._bg_task = task
-        task.add_done_callback(self._bg_task_done)
-        if rt.timeout is not None:
-            self._bg_timer = rt.clock.call_later(loop, rt.timeout, self._bg_timed_out)
+def inline_queue(command):
+    """What queue() would do for an admitted async run(): first step on the caller's stack."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    context = contextvars.copy_context()
+    coroutine = command.run()
+    try:
+        yielded = context.run(coroutine.send, None)
+    except StopIteration as stop:
+        future.set_result(stop.value)
+        return future
+    except BaseException as exc:
+        future.set_exception(exc)
         return future
 
+    async def rest():
+        try:
+            value = await _Resumed(coroutine, yielded)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(value)
 
-class InlineSuspending(Inline):
+    loop.create_task(rest(), context=context)
+    return future
+
+
+class OwnTimeout(Command):
     async def run(self):
-        await asyncio.sleep(0)
-        return 1
+        async with asyncio.timeout(0.01):
+            await asyncio.Event().wait()
 
-
-class Suspending(AsyncRun):
-    async def run(self):
-        await asyncio.sleep(0)
-        return 1
+    def fallback(self):
+        return 0
 
 
 async def coro():
@@ -108,18 +100,31 @@ async def _best(make) -> float:
     return best * 1e6
 
 
+async def _caller_of(make) -> str:
+    """What the caller of ``make()`` sees when run()'s own asyncio.timeout() expires."""
+    async def caller():
+        try:
+            await make()
+        except asyncio.CancelledError:
+            return 'the CALLER was cancelled'
+        except BaseException as exc:
+            return 'run() failed with %s, the caller goes on' % (type(exc).__name__,)
+        return 'the caller got the fallback'
+    return await asyncio.wait_for(caller(), 5)
+
+
 async def _main() -> None:
-    for cls in (Inline, InlineSuspending):
-        command = cls()
-        assert await command.queue() == 1 and command.events == (Event.SUCCESS,)
     base = await _best(coro)
     print('%-44s %6.2f us' % ('await coro()', base))
-    for label, make in (('library today: await AsyncRun().queue()', lambda: AsyncRun().queue()),
-                        ('prototype: await Inline().queue()', lambda: Inline().queue()),
-                        ('suspending run(), library today', lambda: Suspending().queue()),
-                        ('suspending run(), prototype', lambda: InlineSuspending().queue())):
+    for label, make in (('library: await AsyncRun().queue()', lambda: AsyncRun().queue()),
+                        ('inline first step alone (no bookkeeping)',
+                         lambda: inline_queue(AsyncRun()))):
         value = await _best(make)
         print('%-44s %6.2f us  (%+5.2f us over the baseline)' % (label, value, value - base))
+    if sys.version_info >= (3, 11):
+        print('run() enters asyncio.timeout(0.01 s), then waits:')
+        print('  library:', await _caller_of(lambda: OwnTimeout().queue()))
+        print('  inline: ', await _caller_of(lambda: inline_queue(OwnTimeout())))
 
 
 def main() -> None:
