@@ -36,25 +36,35 @@ log = logging.getLogger('blackgate')
 _get_running_loop = asyncio._get_running_loop   # public in asyncio.events.__all__; cheap, no raise
 _EAGER = sys.version_info >= (3, 12)
 
+# Module constants: reading Event.X goes through the enum's metaclass (50 ns on 3.11).
 SUCCESS = Event.SUCCESS
 BAD_REQUEST = Event.BAD_REQUEST
+FAILURE = Event.FAILURE
+TIMEOUT = Event.TIMEOUT
+SHORT_CIRCUITED = Event.SHORT_CIRCUITED
+THREAD_POOL_REJECTED = Event.THREAD_POOL_REJECTED
+SEMAPHORE_REJECTED = Event.SEMAPHORE_REJECTED
+FALLBACK_SUCCESS = Event.FALLBACK_SUCCESS
+FALLBACK_FAILURE = Event.FALLBACK_FAILURE
+FALLBACK_MISSING = Event.FALLBACK_MISSING
+FALLBACK_REJECTION = Event.FALLBACK_REJECTION
 _SUCCESS_ONLY = (SUCCESS,)
 _BAD_REQUEST_ONLY = (BAD_REQUEST,)
-_QUIET_PRIMARY = frozenset((Event.SHORT_CIRCUITED, Event.THREAD_POOL_REJECTED,
-                            Event.SEMAPHORE_REJECTED))
+_QUIET_PRIMARY = frozenset((SHORT_CIRCUITED, THREAD_POOL_REJECTED,
+                            SEMAPHORE_REJECTED))
 # the events whose cause is built from the runtime when first read (a rejection's is
 # built at once: it tells how full the pool was then)
-_BUILT_CAUSE = frozenset((Event.SHORT_CIRCUITED, Event.SEMAPHORE_REJECTED, Event.TIMEOUT))
+_BUILT_CAUSE = frozenset((SHORT_CIRCUITED, SEMAPHORE_REJECTED, TIMEOUT))
 # primary event -> the events of an execution whose fallback then returned
-_FELL_BACK = {event: (event, Event.FALLBACK_SUCCESS) for event in Event}
+_FELL_BACK = {event: (event, FALLBACK_SUCCESS) for event in Event}
 
 
 class _Runtime:
     """What the pipeline needs of a command class, resolved once per ``install()``."""
 
     __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
-                 'timeout', 'run_is_async', 'fallback_is_async', 'has_fallback', 'component',
-                 'store')
+                 'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
+                 'component', 'store')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -72,6 +82,7 @@ class _Runtime:
         self.timeout = settings.timeout if settings.timeout_enabled else None
         self.run_is_async = run_is_async
         self.fallback_is_async = inspect.iscoroutinefunction(cls.fallback)
+        self.needs_loop = run_is_async or self.fallback_is_async   # so queue() only
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
         self.store = registry._store   # fleet mode's state store, or None
@@ -170,7 +181,7 @@ class Command:
                 'use `await %s(...).queue()` (or `yield` it in a gen.coroutine) instead'
                 % (type(self).__name__, type(self).__name__))
         rt = _runtime(type(self))
-        if rt.run_is_async or rt.fallback_is_async:
+        if rt.needs_loop:
             raise BlackgateError(
                 '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
                 % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
@@ -179,11 +190,11 @@ class Command:
         start = clock.monotonic()
         token = rt.breaker.allow_request()
         if token == DENY:
-            return self._bg_fail_sync(rt, token, Event.SHORT_CIRCUITED, start, None)
+            return self._bg_fail_sync(rt, token, SHORT_CIRCUITED, start, None)
         future = rt.pool.try_submit(self._bg_work, rt)
         if future is None:
-            return self._bg_fail_sync(rt, token, Event.THREAD_POOL_REJECTED, start, None,
-                                      _cause(rt, Event.THREAD_POOL_REJECTED))
+            return self._bg_fail_sync(rt, token, THREAD_POOL_REJECTED, start, None,
+                                      _cause(rt, THREAD_POOL_REJECTED))
         try:
             if rt.timeout is None:
                 value, error, elapsed, finished = future.result()
@@ -194,7 +205,7 @@ class Command:
                     raise _WaitTimeout()
         except _WaitTimeout:
             self._bg_decided = True   # a run() still waiting in the queue is skipped
-            return self._bg_fail_sync(rt, token, Event.TIMEOUT, start,
+            return self._bg_fail_sync(rt, token, TIMEOUT, start,
                                       clock.monotonic() - start)
         if error is None:
             self._bg_finish(rt, token, _SUCCESS_ONLY, start, elapsed, None)
@@ -202,7 +213,7 @@ class Command:
         if isinstance(error, BadRequest):
             self._bg_finish(rt, token, _BAD_REQUEST_ONLY, start, elapsed, error)
             raise error
-        return self._bg_fail_sync(rt, token, Event.FAILURE, start, elapsed, error)
+        return self._bg_fail_sync(rt, token, FAILURE, start, elapsed, error)
 
     def queue(self) -> 'asyncio.Future[Any]':
         """Start the command and return a future of its result; never blocks the IOLoop.
@@ -223,12 +234,12 @@ class Command:
         self._bg_start = rt.clock.monotonic()
         self._bg_token = token = rt.breaker.allow_request()
         if token == DENY:
-            self._bg_fail_async(rt, Event.SHORT_CIRCUITED, None)
+            self._bg_fail_async(rt, SHORT_CIRCUITED, None)
         elif rt.run_is_async:
             self._bg_start_coroutine(rt, loop)
         elif rt.pool.try_submit(self._bg_work, rt, then=self._bg_hand_over) is None:
-            self._bg_fail_async(rt, Event.THREAD_POOL_REJECTED, None,
-                                _cause(rt, Event.THREAD_POOL_REJECTED))
+            self._bg_fail_async(rt, THREAD_POOL_REJECTED, None,
+                                _cause(rt, THREAD_POOL_REJECTED))
         elif rt.timeout is not None:
             remaining = self._bg_start + rt.timeout - rt.clock.monotonic()
             self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
@@ -272,7 +283,7 @@ class Command:
                 self._bg_decided = True
                 value, error, elapsed, _ = outcome
                 events = (_SUCCESS_ONLY if error is None else _BAD_REQUEST_ONLY
-                          if isinstance(error, BadRequest) else (Event.FAILURE,))
+                          if isinstance(error, BadRequest) else (FAILURE,))
                 self._bg_finish(self._bg_rt, self._bg_token, events, self._bg_start, elapsed,
                                 error)
 
@@ -304,7 +315,7 @@ class Command:
             if not future.cancelled():
                 future.set_exception(error)
         else:
-            self._bg_fail_async(rt, Event.FAILURE, elapsed, error)
+            self._bg_fail_async(rt, FAILURE, elapsed, error)
 
     def _bg_timed_out(self) -> None:
         """On the IOLoop: the timer fired before run() answered."""
@@ -318,12 +329,12 @@ class Command:
         task = self.__dict__.get('_bg_task')
         if task is not None:
             task.cancel()   # a coroutine, unlike a thread, can be interrupted
-        self._bg_fail_async(rt, Event.TIMEOUT, rt.clock.monotonic() - self._bg_start)
+        self._bg_fail_async(rt, TIMEOUT, rt.clock.monotonic() - self._bg_start)
 
     def _bg_start_coroutine(self, rt: _Runtime, loop) -> None:
         permits = rt.state.run_permits
         if not permits.try_acquire():
-            self._bg_fail_async(rt, Event.SEMAPHORE_REJECTED, None)
+            self._bg_fail_async(rt, SEMAPHORE_REJECTED, None)
             return
         rt.metrics.execution_started()
         self._bg_run_started = rt.clock.monotonic()
@@ -372,10 +383,10 @@ class Command:
                             ) -> Tuple[Tuple[Event, ...], CommandError]:
         """No fallback may run (none, or no permit): the events and the error to raise."""
         if not rt.has_fallback:
-            return (event, Event.FALLBACK_MISSING), CommandError(
+            return (event, FALLBACK_MISSING), CommandError(
                 rt.command_key, FAILURE_TYPE_OF[event], cause, None,
                 'no fallback is available (FALLBACK_MISSING)')
-        return (event, Event.FALLBACK_REJECTION), CommandError(
+        return (event, FALLBACK_REJECTION), CommandError(
             rt.command_key, FailureType.REJECTED_SEMAPHORE_FALLBACK, cause, None,
             'the fallback was rejected: %d fallbacks already running (FALLBACK_REJECTION)'
             % (rt.state.fallback_permits.limit,))
@@ -386,7 +397,7 @@ class Command:
                               'the fallback failed (FALLBACK_FAILURE: %s: %s)'
                               % (type(error).__name__, error))
         failed.__cause__ = error
-        return (event, Event.FALLBACK_FAILURE), failed
+        return (event, FALLBACK_FAILURE), failed
 
     def _bg_fail_sync(self, rt: _Runtime, token: int, event: Event, start: float,
                       elapsed: Optional[float], error: Optional[BaseException] = None) -> Any:
@@ -511,28 +522,28 @@ class Command:
     @property
     def is_failed_execution(self) -> bool:
         """``run()`` raised (``FAILURE``); a timeout or rejection is not a failed execution."""
-        return Event.FAILURE in self._bg_events
+        return FAILURE in self._bg_events
 
     @property
     def is_response_from_fallback(self) -> bool:
         """The answer came from ``fallback()`` (``FALLBACK_SUCCESS``)."""
-        return Event.FALLBACK_SUCCESS in self._bg_events
+        return FALLBACK_SUCCESS in self._bg_events
 
     @property
     def is_response_timed_out(self) -> bool:
         """``run()`` did not answer within ``timeout`` (``TIMEOUT``)."""
-        return Event.TIMEOUT in self._bg_events
+        return TIMEOUT in self._bg_events
 
     @property
     def is_response_short_circuited(self) -> bool:
         """The breaker was open, so ``run()`` was not called (``SHORT_CIRCUITED``)."""
-        return Event.SHORT_CIRCUITED in self._bg_events
+        return SHORT_CIRCUITED in self._bg_events
 
     @property
     def is_response_rejected(self) -> bool:
         """No worker, queue slot or semaphore permit was free (``*_REJECTED``)."""
         events = self._bg_events
-        return Event.THREAD_POOL_REJECTED in events or Event.SEMAPHORE_REJECTED in events
+        return THREAD_POOL_REJECTED in events or SEMAPHORE_REJECTED in events
 
     @property
     def execution_exception(self) -> Optional[BaseException]:
@@ -566,18 +577,18 @@ class Command:
 
 def _cause(rt: _Runtime, event: Event) -> BaseException:
     key = rt.command_key
-    if event is Event.SHORT_CIRCUITED:
+    if event is SHORT_CIRCUITED:
         if rt.breaker.force_open:
             return ShortCircuited('%s: circuit breaker forced open' % (key,))
         return ShortCircuited('%s: circuit breaker is open' % (key,))
-    if event is Event.THREAD_POOL_REJECTED:
+    if event is THREAD_POOL_REJECTED:
         pool = rt.pool
         if pool.is_shut_down:
             return Rejected('%s: executor pool %r is shut down' % (key, pool.group_key))
         return Rejected('%s: executor pool %r is full (%d workers busy, %d of %d queue slots '
                         'taken)' % (key, pool.group_key, pool.active_count, pool.queue_size,
                                     pool.max_queue_size))
-    if event is Event.SEMAPHORE_REJECTED:
+    if event is SEMAPHORE_REJECTED:
         return Rejected('%s: %d concurrent executions already running (max_concurrent_requests)'
                         % (key, rt.state.run_permits.limit))
     return CommandTimeout('%s: run() did not finish within %.3f s' % (key, rt.timeout or 0.0))
@@ -590,7 +601,7 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
     if not log.isEnabledFor(level):
         return
     exc_info = None
-    if primary is Event.FAILURE and getattr(cause, 'log_traceback', True):
+    if primary is FAILURE and getattr(cause, 'log_traceback', True):
         # A cause whose class sets log_traceback = False (the proxy's UpstreamError:
         # refused, reset, timed out, 5xx) says all in its message: one line, no stack.
         exc_info = cause
