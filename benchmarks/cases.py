@@ -199,7 +199,7 @@ def case_execute(plan: Plan) -> CaseResult:
     base_name = 'pool.submit(f).result(timeout=1)'
     case = _new_case('execute', 'C().execute(), breaker closed, trivial run()', base_name,
                      Target('ratio_max', 1.05, '<= 1.05x'),
-                     'each call timed; %d rounds x %d calls' % (plan.rounds, plan.pool_calls))
+                     'each call timed; %d rounds x %d calls' % (plan.pool_rounds, plan.pool_calls))
     _fresh_component([{'group_key': 'default', 'max_workers': 10}])
     pool = concurrent.futures.ThreadPoolExecutor(10)
     _fill_pools(pool)
@@ -212,7 +212,7 @@ def case_execute(plan: Plan) -> CaseResult:
                                        'breaker.call(pool.submit(f).result(timeout=1))')
         case.checks.update(_check_sync(candidates, {c.name: 1 for c in candidates}))
         case.checks.update(_events_check(Trivial, (Event.SUCCESS,)))
-        case.rows = rows_from_timings(time_sync(candidates, plan.rounds, plan.pool_calls),
+        case.rows = rows_from_timings(time_sync(candidates, plan.pool_rounds, plan.pool_calls),
                                       base_name)
     finally:
         pool.shutdown()
@@ -227,7 +227,7 @@ def case_queue(plan: Plan) -> CaseResult:
     base_name = 'await IOLoop.run_in_executor(pool, f)'
     case = _new_case('queue', 'await C().queue(), timeout armed', base_name,
                      Target('ratio_max', 1.10, '<= 1.10x'),
-                     'each call timed; %d rounds x %d calls' % (plan.rounds, plan.pool_calls))
+                     'each call timed; %d rounds x %d calls' % (plan.pool_rounds, plan.pool_calls))
     _fresh_component([{'group_key': 'default', 'max_workers': 10}])
     pool = concurrent.futures.ThreadPoolExecutor(10)
     _fill_pools(pool)
@@ -240,7 +240,7 @@ def case_queue(plan: Plan) -> CaseResult:
         candidates += _peer_candidates(peers.async_pool(pool, trivial),
                                        'breaker around wait_for(run_in_executor(pool, f), 1)')
         case.checks.update(await _check_async(candidates, {c.name: 1 for c in candidates}))
-        return await time_async(candidates, plan.rounds, plan.pool_calls)
+        return await time_async(candidates, plan.pool_rounds, plan.pool_calls)
 
     try:
         case.rows = rows_from_timings(run_async(measure), base_name)

@@ -19,9 +19,11 @@ import asyncio
 import inspect
 import logging
 import sys
-from typing import Any, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .breaker import DENY, TRIAL
+from .clock import SystemClock
 from .clock import TimeoutError as _WaitTimeout
 from .config import COMMAND_DEFAULTS, CommandSettings, check_value
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
@@ -35,6 +37,7 @@ log = logging.getLogger('blackgate')
 
 _get_running_loop = asyncio._get_running_loop   # public in asyncio.events.__all__; cheap, no raise
 _EAGER = sys.version_info >= (3, 12)
+_monotonic = time.monotonic
 
 # Module constants: reading Event.X goes through the enum's metaclass (50 ns on 3.11).
 SUCCESS = Event.SUCCESS
@@ -64,7 +67,7 @@ class _Runtime:
 
     __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'component', 'store')
+                 'component', 'store', 'system_clock')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -86,6 +89,7 @@ class _Runtime:
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
         self.store = registry._store   # fleet mode's state store, or None
+        self.system_clock = type(self.clock) is SystemClock
 
 
 def _class_values(cls: type) -> Dict[str, Any]:
@@ -200,7 +204,10 @@ class Command:
                 value, error, elapsed, finished = future.result()
             else:
                 deadline = start + rt.timeout
-                value, error, elapsed, finished = clock.wait_until(future, deadline)
+                if rt.system_clock:   # what SystemClock.wait_until does, one call less
+                    value, error, elapsed, finished = future.result(deadline - _monotonic())
+                else:
+                    value, error, elapsed, finished = clock.wait_until(future, deadline)
                 if finished >= deadline:   # answered, but not within the timeout
                     raise _WaitTimeout()
         except _WaitTimeout:
@@ -237,7 +244,7 @@ class Command:
             self._bg_fail_async(rt, SHORT_CIRCUITED, None)
         elif rt.run_is_async:
             self._bg_start_coroutine(rt, loop)
-        elif rt.pool.try_submit(self._bg_work, rt, then=self._bg_hand_over) is None:
+        elif rt.pool.try_submit(self._bg_work, rt, self._bg_hand_over) is None:
             self._bg_fail_async(rt, THREAD_POOL_REJECTED, None,
                                 _cause(rt, THREAD_POOL_REJECTED))
         elif rt.timeout is not None:
@@ -254,11 +261,18 @@ class Command:
             raise BlackgateError('this %s instance has already run; a command instance runs '
                                  'once: create a new one for each call' % (type(self).__name__,))
 
-    def _bg_work(self, rt: _Runtime) -> Tuple[Any, Optional[BaseException], float, float]:
-        """On a worker thread: run(), and how long it took and when it finished."""
+    def _bg_work(self, release: Callable[[], Any], rt: _Runtime,
+                 hand_over: Optional[Callable[[Any], None]] = None
+                 ) -> Tuple[Any, Optional[BaseException], float, float]:
+        """On a worker thread: run(), and how long it took and when it finished.
+
+        Frees the pool slot (``release``) before ``hand_over`` wakes the IOLoop, so that
+        whoever the result wakes finds the pool free again.
+        """
         if self._bg_decided:
             # Timed out while waiting in the pool's queue: the caller has its answer, and
             # nobody wants this call made any more (Hystrix skips it too).
+            release()
             return None, None, 0.0, 0.0
         metrics = rt.metrics
         monotonic = rt.clock.monotonic
@@ -270,7 +284,11 @@ class Command:
             value, error = None, exc
         finished = monotonic()
         metrics.execution_finished()
-        return value, error, finished - started, finished
+        release()
+        outcome = value, error, finished - started, finished
+        if hand_over is not None:
+            hand_over(outcome)
+        return outcome
 
     def _bg_hand_over(self, outcome) -> None:
         """On the worker, its pool slot already free: pass the outcome to the IOLoop."""

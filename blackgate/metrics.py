@@ -173,9 +173,12 @@ class RollingMetrics:
         # Outcomes come in runs (one bucket, one tuple of events): the counts are added
         # once per run, and the bucket looked up only when a record's time leaves it.
         bucket: Optional[_Bucket] = None
+        executions: Dict[int, int] = {}
+        totals: Dict[int, int] = {}
         low = high = 0.0
         run_events: Tuple[Event, ...] = ()
         run = 0
+        log2 = _log2
         for now, events, execution_time, total_time in batch:
             if not low <= now < high:
                 if run:
@@ -185,6 +188,8 @@ class RollingMetrics:
                 bucket = self._bucket(index)
                 low = index * width
                 high = low + width
+                if bucket is not None:
+                    executions, totals = bucket.execution, bucket.total
             if bucket is None:   # older than the window: it no longer counts
                 continue
             if events is not run_events:
@@ -194,14 +199,12 @@ class RollingMetrics:
             else:
                 run += 1
             if execution_time is not None:
-                key = int(_log2(execution_time) * _BINS_PER_OCTAVE + _KEY_OFFSET) \
+                key = int(log2(execution_time) * _BINS_PER_OCTAVE + _KEY_OFFSET) \
                     if execution_time > 0 else _ZERO_BIN
-                histogram = bucket.execution
-                histogram[key] = histogram.get(key, 0) + 1
-            key = int(_log2(total_time) * _BINS_PER_OCTAVE + _KEY_OFFSET) if total_time > 0 \
+                executions[key] = executions.get(key, 0) + 1
+            key = int(log2(total_time) * _BINS_PER_OCTAVE + _KEY_OFFSET) if total_time > 0 \
                 else _ZERO_BIN
-            histogram = bucket.total
-            histogram[key] = histogram.get(key, 0) + 1
+            totals[key] = totals.get(key, 0) + 1
         if run:
             _add_counts(bucket, run_events, run)
 
