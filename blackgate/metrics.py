@@ -66,7 +66,7 @@ class LatencySummary(NamedTuple):
 
 _ZERO_BIN = -(1 << 30)
 #: outcomes recorded without the lock before the recording thread folds them itself
-FOLD_AT = 128
+FOLD_AT = 32
 # events tuple -> positions in a bucket's counts; outcomes are few, so this stays tiny
 _POSITIONS: Dict[Tuple[Event, ...], Tuple[int, ...]] = {}
 

@@ -9,10 +9,13 @@ commands and for fallbacks, which run on the IOLoop and need no thread.
 
 .. warning::
 
-   Admission and release may happen on any thread; the lock guards only the
-   counters, never the work itself.
+   Admission and release may happen on any thread, and take no lock: each
+   takes its place first and gives it back if that went over the limit, as
+   Hystrix's semaphores do. A lock guards only the rare updates (a refusal, a
+   new high-water mark), never the work itself.
 """
 import concurrent.futures
+import itertools
 import threading
 from typing import Any, Callable, List, Optional
 
@@ -77,12 +80,21 @@ class ExecutorPool:
         self._capacity = settings.max_workers + settings.max_queue_size
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
-        self._lock = threading.Lock()
-        # One item per admitted, unfinished run. Only admission (under the lock) grows it;
-        # a worker shrinks it with an atomic pop, so the bound holds without a lock there.
+        self._lock = threading.Lock()   # only for the rare updates below, never per call
+        # One item per admitted, unfinished run: admission appends and takes it back if that
+        # went over capacity; the work pops it when done. All atomic, so no lock per call.
         self._in_flight: List[None] = []
-        self._release = self._in_flight.pop
-        self._admitted = 0
+        in_flight_pop = self._in_flight.pop
+        # next() on an itertools.count is one atomic step: a counter no thread can lose an
+        # update of. Reading it also steps it, so completed_count counts its own reads.
+        completions = self._completions = itertools.count()
+        self._reads = 0
+
+        def release() -> None:
+            in_flight_pop()
+            next(completions)
+
+        self._release = release
         self._largest = 0
         #: submissions refused since the pool started
         self.rejected_count = 0
@@ -97,22 +109,26 @@ class ExecutorPool:
         slot may serve other work: before it wakes whoever waits for its result, so
         that they find the pool free again. (Handing ``release`` to ``fn`` spares a
         wrapper frame around every run on the worker.)
+
+        Two callers racing for the last slot may both be refused, never both admitted.
         """
         in_flight = self._in_flight
-        with self._lock:
-            if len(in_flight) >= self._capacity:
+        in_flight.append(None)
+        admitted = len(in_flight)
+        if admitted > self._capacity:
+            in_flight.pop()
+            with self._lock:
                 self.rejected_count += 1
-                return None
-            in_flight.append(None)
-            self._admitted += 1
-            if len(in_flight) > self._largest:
-                self._largest = len(in_flight)
+            return None
+        if admitted > self._largest:   # a new high-water mark: rare once warm
+            with self._lock:
+                if admitted > self._largest:
+                    self._largest = admitted
         try:
             return self._executor.submit(fn, self._release, *args)
         except RuntimeError:  # shut down: refuse like a full pool
+            in_flight.pop()
             with self._lock:
-                in_flight.pop()
-                self._admitted -= 1
                 self.rejected_count += 1
             return None
 
@@ -125,7 +141,9 @@ class ExecutorPool:
     def completed_count(self) -> int:
         """Runs finished since the pool started."""
         with self._lock:
-            return self._admitted - len(self._in_flight)
+            steps = next(self._completions)   # completions, plus the reads before this one
+            self._reads += 1
+            return steps - (self._reads - 1)
 
     @property
     def active_count(self) -> int:
