@@ -75,6 +75,7 @@ _ABSOLUTE_FORM = re.compile(r'[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*')
 _NOT_ASCII = re.compile(r'[^\x00-\x7f]')
 _AUTHORITY_END = re.compile(r'[/?#]')
 _VERBATIM_TARGET = re.compile(r'/[\x21\x22\x24-\x7e]*')   # visible ASCII, no '#'
+_OBS_FOLD = re.compile(r'\r?\n[ \t]*')
 _UNSAFE_IN_FIELD = re.compile(r'[\r\n\x00]')
 
 
@@ -236,7 +237,9 @@ class HTTPProxyCommand(Command):
             raise UpstreamError('the response of %s broke off: %s'
                                 % (_host(url), _root_cause(exc))) from None
         self.response = {'status_code': status, 'reason': upstream.reason,
-                         'headers': list(raw.headers.iteritems()), 'content': content}
+                         'headers': [(name, _unfolded(value))
+                                     for name, value in raw.headers.iteritems()],
+                         'content': content}
         self.after_response()
         if self.response['status_code'] >= 500:
             raise UpstreamServerError(self.response)
@@ -644,6 +647,17 @@ class _StrictHead:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fp, name)
+
+
+def _unfolded(value: str) -> str:
+    """A field value with each obs-fold replaced by one space (RFC 9112 §5.2).
+
+    What http.client leaves of a folded line differs between Python versions,
+    and so would what Tornado then makes of it.
+    """
+    if '\n' not in value:
+        return value
+    return _OBS_FOLD.sub(' ', value)
 
 
 def _without_bare_cr(line: bytes) -> bytes:

@@ -40,6 +40,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 
 import pytest
 import urllib3.util.connection
@@ -47,6 +48,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
+import tornado
 import tornado.web
 
 from blackgate import HTTPProxy, HTTPProxyCommand, component
@@ -367,9 +369,28 @@ def lenient_fields(head):
     return fields
 
 
+def tornados_own_chunk_assert(record):
+    """Tornado before 6.6 checks a chunk's closing CRLF with an assert, and logs its failure.
+
+    A client that sends a chunk longer than its stated size gets its connection
+    closed, by Tornado's HTTP/1 reader, before any handler of ours runs; only the
+    log says so with a traceback. Tornado 6.6 answers it with a quiet
+    HTTPInputError instead (Tornado 6.5 is the newest for Python 3.9).
+    """
+    if tornado.version_info >= (6, 6) or record.name != 'tornado.general':
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    if not isinstance(error, AssertionError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and frames[-1].name == '_read_chunked_body'
+
+
 def check_logs(records, start, allow_gateway_errors=False):
     """No traceback in ``records[start:]``, and nothing at ERROR but the access log's 5xx."""
     for record in records[start:]:
+        if tornados_own_chunk_assert(record):
+            continue
         assert record.exc_info is None and not record.exc_text, (
             'a traceback was logged: %s %s' % (record.name, record.getMessage()))
         assert 'Traceback' not in record.getMessage(), record.getMessage()
