@@ -23,6 +23,10 @@ from .results import CaseResult, Target, rows_from_timings
 __all__ = ('CASES',)
 
 BASELINE, BLACKGATE, PEER = 'baseline', 'blackgate', 'peer'
+#: the baseline timed a second time, as if it were a candidate: how far apart two runs
+#: of the very same call come out is the noise floor of a thread-hop case
+CONTROL = 'control'
+_CONTROL_NAME = 'the baseline again (control)'
 
 
 def trivial() -> int:
@@ -219,7 +223,9 @@ def case_execute(plan: Plan) -> CaseResult:
     try:
         candidates = [Candidate(base_name, BASELINE,
                                 lambda: pool.submit(trivial).result(timeout=1)),
-                      Candidate('Blackgate execute()', BLACKGATE, lambda: Trivial().execute())]
+                      Candidate('Blackgate execute()', BLACKGATE, lambda: Trivial().execute()),
+                      Candidate(_CONTROL_NAME, CONTROL,
+                                lambda: pool.submit(trivial).result(timeout=1))]
         candidates += _peer_candidates(peers.sync_pool(pool, trivial),
                                        'breaker.call(pool.submit(f).result(timeout=1))')
         case.checks.update(_check_sync(candidates, {c.name: 1 for c in candidates}))
@@ -247,7 +253,9 @@ def case_queue(plan: Plan) -> CaseResult:
     async def measure():
         loop = IOLoop.current()
         candidates = [Candidate(base_name, BASELINE, lambda: loop.run_in_executor(pool, trivial)),
-                      Candidate('Blackgate await queue()', BLACKGATE, lambda: Trivial().queue())]
+                      Candidate('Blackgate await queue()', BLACKGATE, lambda: Trivial().queue()),
+                      Candidate(_CONTROL_NAME, CONTROL,
+                                lambda: loop.run_in_executor(pool, trivial))]
         candidates += _peer_candidates(peers.async_pool(pool, trivial),
                                        'breaker around wait_for(run_in_executor(pool, f), 1)')
         case.checks.update(await _check_async(candidates, {c.name: 1 for c in candidates}))

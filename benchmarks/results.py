@@ -31,7 +31,7 @@ class Target:
 @dataclass
 class Row:
     name: str
-    role: str                     # 'baseline', 'blackgate' or 'peer'
+    role: str                     # 'baseline', 'blackgate', 'peer' or 'control'
     value: Optional[float]        # what the target judges (µs, rps or bytes)
     median: Optional[float] = None   # µs per call
     p99: Optional[float] = None      # µs per call
