@@ -228,8 +228,9 @@ def parse_wrk(output: str) -> Dict[str, Any]:
 
 def _parse_wrk(output: str) -> Dict[str, Any]:
     rps = float(re.search(r'Requests/sec:\s+([\d.]+)', output).group(1))
-    p50 = _wrk_time(re.search(r'\b50%\s+(\S+)', output).group(1))
-    p99 = _wrk_time(re.search(r'\b99%\s+(\S+)', output).group(1))
+    # The distribution's lines only: "Latency ... 69.50%" above them ends in "50%" too.
+    p50 = _wrk_time(re.search(r'^\s*50%\s+(\S+)', output, re.M).group(1))
+    p99 = _wrk_time(re.search(r'^\s*99%\s+(\S+)', output, re.M).group(1))
     non_2xx = re.search(r'Non-2xx or 3xx responses:\s+(\d+)', output)
     errors = re.search(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)',
                        output)
