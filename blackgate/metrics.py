@@ -92,10 +92,11 @@ def _add_counts(bucket: Optional['_Bucket'], events: Tuple[Event, ...], times: i
 
 
 class _Bucket:
-    __slots__ = ('index', 'counts', 'execution', 'total')
+    __slots__ = ('index', 'counts', 'execution', 'total', 'max_concurrent')
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.max_concurrent = 0
         self.counts = [0] * len(_EVENTS)
         self.execution: Dict[int, int] = {}
         self.total: Dict[int, int] = {}
@@ -104,8 +105,9 @@ class _Bucket:
 class RollingMetrics:
     """Rolling counts, latency percentiles and health of one command key."""
 
-    __slots__ = ('command_key', 'clock', '_lock', '_ring', '_pending', '_running', '_shape',
-                 '_window', '_width', '_interval', '_buckets', '_snapshot', '_snapshot_due')
+    __slots__ = ('command_key', 'clock', '_lock', '_ring', '_pending', '_running', '_peak',
+                 '_peak_at', '_shape', '_window', '_width', '_interval', '_buckets', '_snapshot',
+                 '_snapshot_due')
 
     def __init__(self, command_key: str, window: float, buckets: int,
                  snapshot_interval: float, clock) -> None:
@@ -118,6 +120,10 @@ class RollingMetrics:
         # (now, events, execution_time, total_time) of outcomes not yet in their bucket
         self._pending: List[Tuple[float, Tuple[Event, ...], Optional[float], float]] = []
         self._running: List[None] = []   # one item per run() in progress
+        # The most run()s in progress at once since the last fold, and when: a start
+        # that sets a new one takes the lock; the fold puts it in its bucket.
+        self._peak = 0
+        self._peak_at = 0.0
         self._shape: Optional[Tuple[float, int, float]] = None
         self._window = self._width = self._interval = 0.0
         self._buckets = 0
@@ -129,7 +135,14 @@ class RollingMetrics:
 
     def execution_started(self) -> None:
         # list.append and list.pop are atomic: no lock on the worker thread.
-        self._running.append(None)
+        running = self._running
+        running.append(None)
+        concurrency = len(running)
+        if concurrency > self._peak:   # rare: the lock only for a new peak since the fold
+            with self._lock:
+                if concurrency > self._peak:
+                    self._peak = concurrency
+                    self._peak_at = self.clock.monotonic()
 
     def execution_finished(self) -> None:
         self._running.pop()
@@ -152,15 +165,25 @@ class RollingMetrics:
         if now < self._snapshot_due and len(pending) < FOLD_AT:
             return None
         with self._lock:
-            self._fold()
+            self._fold(now)
             if now < self._snapshot_due:
                 return None
             self._snapshot = self._health(now)
             self._snapshot_due = now + self._interval
             return self._snapshot
 
-    def _fold(self) -> None:
-        """Move the outcomes recorded since the last fold into their buckets (lock held)."""
+    def _fold(self, now: float) -> None:
+        """Move what was recorded since the last fold into the buckets (lock held).
+
+        The outcomes go to the buckets of their own times, and so does the peak
+        concurrency since the last fold.
+        """
+        if self._peak:
+            self._note_concurrency(self._peak, self._peak_at)
+            self._peak = 0
+        running = len(self._running)
+        if running:   # those still running are concurrent now too, however long ago they began
+            self._note_concurrency(running, now)
         pending = self._pending
         taken = len(pending)
         if not taken:
@@ -208,6 +231,11 @@ class RollingMetrics:
         if run:
             _add_counts(bucket, run_events, run)
 
+    def _note_concurrency(self, concurrency: int, when: float) -> None:
+        bucket = self._bucket(int(when // self._width))
+        if bucket is not None and concurrency > bucket.max_concurrent:
+            bucket.max_concurrent = concurrency
+
     def _bucket(self, index: int) -> Optional[_Bucket]:
         """The bucket numbered ``index``, opened if need be; None if it fell out of the window."""
         ring = self._ring
@@ -242,6 +270,7 @@ class RollingMetrics:
             self._width = self._window / self._buckets
             self._ring.clear()
             del self._pending[:]
+            self._peak = 0   # the next fold counts those still running
             self._snapshot = _NO_HEALTH
             self._snapshot_due = -math.inf
 
@@ -252,6 +281,7 @@ class RollingMetrics:
             # What was recorded before the reset goes with it; a record racing with it
             # lands after, as if it came just after the reset.
             del self._pending[:len(self._pending)]
+            self._peak = 0   # the next fold counts those still running
             self._snapshot = _NO_HEALTH
             self._snapshot_due = -math.inf
 
@@ -260,9 +290,9 @@ class RollingMetrics:
     def _live(self, now: Optional[float] = None) -> List[_Bucket]:
         # Caller holds the lock. Folds what is pending, then drops buckets that fell out
         # of the window.
-        self._fold()
         if now is None:
             now = self.clock.monotonic()
+        self._fold(now)
         oldest = int(now // self._width) - self._buckets
         ring = self._ring
         while ring and ring[0].index <= oldest:
@@ -364,6 +394,16 @@ class RollingMetrics:
     def concurrent_executions(self) -> int:
         """How many ``run()`` calls of this key are executing right now."""
         return len(self._running)
+
+    @property
+    def rolling_max_concurrent_executions(self) -> int:
+        """The most ``run()`` calls of this key executing at once in the rolling window.
+
+        As in Hystrix, concurrency is sampled when a ``run()`` starts, so a run that is
+        still going counts from its start on, whether or not it ever finishes.
+        """
+        with self._lock:
+            return max([bucket.max_concurrent for bucket in self._live()], default=0)
 
     def __repr__(self) -> str:
         health = self.health()

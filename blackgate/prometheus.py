@@ -23,6 +23,8 @@ a Tornado handler writing ``generate_latest()``: see
 ``blackgate_command_latency_seconds{quantile}``             gauge       ``run()`` time in the window
 ``blackgate_command_total_latency_seconds{quantile}``       gauge       call-to-answer time in it
 ``blackgate_command_concurrent_executions``                 gauge       ``run()`` calls running now
+``blackgate_command_rolling_max_concurrent_executions``     gauge       the most at once in the
+                                                                        rolling window
 ``blackgate_circuit_breaker_open``                          gauge       1 while short-circuiting
 ``blackgate_circuit_breaker_state{state}``                  gauge       1 for the current state of
                                                                         ``closed``, ``open``,
@@ -110,8 +112,8 @@ class BlackgateCollector:
     def collect(self) -> Iterator[Any]:
         """Every metric, read now."""
         families = self._families()
-        (events, error_ratio, requests, latency, total_latency, concurrent, breaker_open,
-         breaker_state, workers, active, queue_capacity, queued, completed,
+        (events, error_ratio, requests, latency, total_latency, concurrent, peak,
+         breaker_open, breaker_state, workers, active, queue_capacity, queued, completed,
          rejected) = families
         registry = self.registry
         with self._lock:
@@ -133,6 +135,7 @@ class BlackgateCollector:
                     family.add_metric(labels + [_quantile_label(quantile)],
                                       summary.percentiles[percentile])
             concurrent.add_metric(labels, metrics.concurrent_executions)
+            peak.add_metric(labels, metrics.rolling_max_concurrent_executions)
             state = breaker.state
             breaker_open.add_metric(labels, 1 if breaker.is_open() else 0)
             for each in BreakerState:
@@ -168,6 +171,9 @@ class BlackgateCollector:
                               'window.', labels=command + ['quantile']),
             GaugeMetricFamily('blackgate_command_concurrent_executions',
                               'run() calls executing now.', labels=command),
+            GaugeMetricFamily('blackgate_command_rolling_max_concurrent_executions',
+                              'The most run() calls executing at once in the rolling window.',
+                              labels=command),
             GaugeMetricFamily('blackgate_circuit_breaker_open',
                               '1 while the circuit breaker short-circuits requests (open, '
                               'half-open or forced open).', labels=command),

@@ -21,7 +21,8 @@ is ``async def`` reports ``"SEMAPHORE"`` isolation, any other ``"THREAD"``;
 ``CommandError`` to their caller (fallback failed, missing or rejected); a
 pool's rolling executions and rejections are those of the thread-isolated
 commands of its group, and its ``rollingMaxActiveThreads`` is the most workers
-ever busy at once since the pool started (Blackgate keeps no rolling maximum).
+ever busy at once since the pool started (a pool keeps no rolling maximum; a
+command's ``rollingMaxConcurrentExecutionCount`` is one, over its window).
 
 .. warning::
 
@@ -149,6 +150,7 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
     for field, event in _COUNT_FIELDS:
         sample[field] = counts[event]
     sample['currentConcurrentExecutionCount'] = metrics.concurrent_executions
+    sample['rollingMaxConcurrentExecutionCount'] = metrics.rolling_max_concurrent_executions
     sample['latencyExecute_mean'] = _ms(execution.mean)
     sample['latencyExecute'] = {name: _ms(execution.percentiles[p])
                                 for p, name in _PERCENTILE_NAMES}

@@ -504,6 +504,45 @@ def test_concurrent_executions_counts_the_run_calls_in_progress(gate):
     assert metrics.concurrent_executions == 0
 
 
+def test_rolling_max_concurrent_executions_is_the_peak_in_the_window(clock, gate):
+    Dep = command(timeout_enabled=False)
+    metrics = component.metrics('dep')
+    assert metrics.rolling_max_concurrent_executions == 0
+    Dep('ok').execute()
+    assert metrics.rolling_max_concurrent_executions == 1
+    release = gate()
+    entered = [threading.Event() for _ in range(3)]
+    threads = [start(Dep(held(release, event)).execute) for event in entered]
+    assert all(event.wait(WAIT) for event in entered)
+    # counted from the start of run(), before any of them finished
+    assert metrics.rolling_max_concurrent_executions == 3
+    release.set()
+    assert [finish(thread) for thread in threads] == [['fresh']] * 3
+    clock.advance(5.0)
+    Dep('ok').execute()
+    assert metrics.concurrent_executions == 0
+    assert metrics.rolling_max_concurrent_executions == 3   # still in the 10 s window
+    clock.advance(6.0)                                         # the peak's second has left it
+    assert metrics.rolling_max_concurrent_executions == 1
+    clock.advance(10.0)
+    assert metrics.rolling_max_concurrent_executions == 0
+
+
+def test_a_run_still_going_keeps_counting_in_the_rolling_max(clock, gate):
+    Dep = command(timeout_enabled=False)
+    metrics = component.metrics('dep')
+    release, entered = gate(), threading.Event()
+    thread = start(Dep(held(release, entered)).execute)
+    assert entered.wait(WAIT)
+    for _ in range(3):          # 30 s: three whole windows while it runs
+        clock.advance(10.0)
+        assert metrics.rolling_max_concurrent_executions == 1
+    release.set()
+    assert finish(thread) == ['fresh']
+    clock.advance(10.0)
+    assert metrics.rolling_max_concurrent_executions == 0
+
+
 def test_histogram_memory_stays_bounded_over_many_distinct_latencies(clock):
     class Dep(Command):
         command_key = 'dep'

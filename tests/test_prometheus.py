@@ -189,6 +189,8 @@ def test_pool_occupancy_and_rejections(clock, scrape):
         assert value(samples, 'blackgate_pool_completed_total', group='tight') == 0.0
         assert value(samples, 'blackgate_command_concurrent_executions',
                      command='held', group='tight') == 2.0
+        assert value(samples, 'blackgate_command_rolling_max_concurrent_executions',
+                     command='held', group='tight') == 2.0
         assert value(samples, 'blackgate_command_events_total', command='held', group='tight',
                      event='THREAD_POOL_REJECTED') == 1.0
     finally:
@@ -199,6 +201,11 @@ def test_pool_occupancy_and_rejections(clock, scrape):
     samples = scrape()
     assert value(samples, 'blackgate_pool_completed_total', group='tight') == 3.0
     assert value(samples, 'blackgate_pool_active_workers', group='tight') == 0.0
+    assert value(samples, 'blackgate_command_concurrent_executions',
+                 command='held', group='tight') == 0.0
+    # three ran, never more than two at once (the third was queued)
+    assert value(samples, 'blackgate_command_rolling_max_concurrent_executions',
+                 command='held', group='tight') == 2.0
     assert '# TYPE blackgate_pool_rejected_total counter' in scrape.text
 
 

@@ -332,6 +332,8 @@ async def test_command_event_has_every_field_the_hystrix_dashboard_reads(streams
     assert data['rollingCountFailure'] == 3
     assert data['rollingCountBadRequests'] == 1
     assert data['rollingCountFallbackSuccess'] == 3
+    assert data['currentConcurrentExecutionCount'] == 0
+    assert data['rollingMaxConcurrentExecutionCount'] == 1   # one call at a time
     for field in ('rollingCountTimeout', 'rollingCountShortCircuited',
                   'rollingCountThreadPoolRejected', 'rollingCountSemaphoreRejected',
                   'rollingCountFallbackFailure', 'rollingCountFallbackRejection',
