@@ -9,7 +9,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 from tornado.ioloop import IOLoop
 
@@ -208,24 +208,35 @@ def _new_case(key: str, title: str, baseline: str, target: Target, method: str) 
     return case
 
 
+def _hop_case(plan: Plan, key: str, title: str, base_name: str,
+              target: Target) -> Tuple[CaseResult, concurrent.futures.ThreadPoolExecutor]:
+    """A single-call case that hops to a thread: its result, and the executor for all."""
+    case = _new_case(key, title, base_name, target, 'each call timed; %d rounds x %d calls'
+                     % (plan.pool_rounds, plan.pool_calls))
+    _fresh_component([{'group_key': 'default', 'max_workers': 10}])
+    pool = _shared_executor('default')
+    _fill_pools(pool)
+    case.notes.append(_FILLED)
+    return case, pool
+
+
+def _with_control(base_name: str, base: Callable[[], Any], name: str,
+                  blackgate: Callable[[], Any]) -> List[Candidate]:
+    """The baseline, Blackgate, and the baseline once more as the control."""
+    return [Candidate(base_name, BASELINE, base), Candidate(name, BLACKGATE, blackgate),
+            Candidate(_CONTROL_NAME, CONTROL, base)]
+
+
 # -- 1. execute() ----------------------------------------------------------------------------
 
 def case_execute(plan: Plan) -> CaseResult:
     """``C().execute()``, breaker closed, trivial ``run()`` vs ``pool.submit(f).result(timeout=1)``."""
     base_name = 'pool.submit(f).result(timeout=1)'
-    case = _new_case('execute', 'C().execute(), breaker closed, trivial run()', base_name,
-                     Target('ratio_max', 1.05, '<= 1.05x'),
-                     'each call timed; %d rounds x %d calls' % (plan.pool_rounds, plan.pool_calls))
-    _fresh_component([{'group_key': 'default', 'max_workers': 10}])
-    pool = _shared_executor('default')
-    _fill_pools(pool)
-    case.notes.append(_FILLED)
+    case, pool = _hop_case(plan, 'execute', 'C().execute(), breaker closed, trivial run()',
+                           base_name, Target('ratio_max', 1.05, '<= 1.05x'))
     try:
-        candidates = [Candidate(base_name, BASELINE,
-                                lambda: pool.submit(trivial).result(timeout=1)),
-                      Candidate('Blackgate execute()', BLACKGATE, lambda: Trivial().execute()),
-                      Candidate(_CONTROL_NAME, CONTROL,
-                                lambda: pool.submit(trivial).result(timeout=1))]
+        candidates = _with_control(base_name, lambda: pool.submit(trivial).result(timeout=1),
+                                   'Blackgate execute()', lambda: Trivial().execute())
         candidates += _peer_candidates(peers.sync_pool(pool, trivial),
                                        'breaker.call(pool.submit(f).result(timeout=1))')
         case.checks.update(_check_sync(candidates, {c.name: 1 for c in candidates}))
@@ -242,20 +253,13 @@ def case_execute(plan: Plan) -> CaseResult:
 def case_queue(plan: Plan) -> CaseResult:
     """``await C().queue()``, timeout armed, vs bare ``await IOLoop.run_in_executor(pool, f)``."""
     base_name = 'await IOLoop.run_in_executor(pool, f)'
-    case = _new_case('queue', 'await C().queue(), timeout armed', base_name,
-                     Target('ratio_max', 1.10, '<= 1.10x'),
-                     'each call timed; %d rounds x %d calls' % (plan.pool_rounds, plan.pool_calls))
-    _fresh_component([{'group_key': 'default', 'max_workers': 10}])
-    pool = _shared_executor('default')
-    _fill_pools(pool)
-    case.notes.append(_FILLED)
+    case, pool = _hop_case(plan, 'queue', 'await C().queue(), timeout armed', base_name,
+                           Target('ratio_max', 1.10, '<= 1.10x'))
 
     async def measure():
         loop = IOLoop.current()
-        candidates = [Candidate(base_name, BASELINE, lambda: loop.run_in_executor(pool, trivial)),
-                      Candidate('Blackgate await queue()', BLACKGATE, lambda: Trivial().queue()),
-                      Candidate(_CONTROL_NAME, CONTROL,
-                                lambda: loop.run_in_executor(pool, trivial))]
+        candidates = _with_control(base_name, lambda: loop.run_in_executor(pool, trivial),
+                                   'Blackgate await queue()', lambda: Trivial().queue())
         candidates += _peer_candidates(peers.async_pool(pool, trivial),
                                        'breaker around wait_for(run_in_executor(pool, f), 1)')
         case.checks.update(await _check_async(candidates, {c.name: 1 for c in candidates}))
