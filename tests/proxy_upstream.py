@@ -412,3 +412,15 @@ def forward_to(base_url: str, name: str = 'Forward', **attributes) -> type:
     namespace = {'group_key': 'proxy', 'timeout': WAIT, 'before_request': before_request}
     namespace.update(attributes)
     return type(name, (HTTPProxyCommand,), namespace)
+
+
+@pytest.fixture
+def proxy(upstream, gateway):
+    """A gateway forwarding every path to the echo upstream, on the pool 'proxy'."""
+    install_pool('proxy')
+    return gateway(forward_to(upstream.url))
+
+
+def answer(reply):
+    """A script for ``upstream.respond``: answer every request with ``reply``."""
+    return lambda received: reply

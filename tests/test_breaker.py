@@ -13,6 +13,7 @@ import time
 import pytest
 
 from blackgate import BadRequest, BreakerState, Command, Event, component
+from support import finish, held, start
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
@@ -62,33 +63,6 @@ def trip(cls, failures=2):
     for _ in range(failures):
         assert cls('fail').execute() == 'stale'
     assert component.circuit_breaker(cls.command_key).state is OPEN
-
-
-def held(release, entered=None, value='fresh'):
-    """An outcome whose run() signals ``entered`` and waits for ``release`` (at most WAIT)."""
-    def outcome():
-        if entered is not None:
-            entered.set()
-        if not release.wait(WAIT):
-            raise AssertionError('run() was never released')
-        if isinstance(value, BaseException):
-            raise value
-        return value
-    return outcome
-
-
-def start(target):
-    """Run ``target`` on a new thread; its return value lands in ``thread.results``."""
-    thread = threading.Thread(target=lambda: thread.results.append(target()), daemon=True)
-    thread.results = []
-    thread.start()
-    return thread
-
-
-def finish(thread):
-    thread.join(WAIT)
-    assert not thread.is_alive()
-    return thread.results
 
 
 def advance_until_returns(clock, thread, seconds):

@@ -1,8 +1,10 @@
 """Command.execute() and the pipeline of DESIGN.md §5, steps 1 to 9.
 
 Time is the FakeClock's: a thread blocked in ``execute()`` times out when the
-test advances the clock. Workers are held on a ``Gate`` (a threading.Event),
-never by sleeping, and every wait on a thread is bounded by ``WAIT``.
+test advances the clock. Workers are held on a ``Gate`` (a threading.Event;
+``support.Gate``, made by conftest's ``gates`` fixture), never by sleeping, and
+every wait on a thread is bounded by ``WAIT``. The commands that test_queue.py
+uses too (``Held``, ``Tiny`` and their variants) come from support.py.
 """
 import asyncio
 import logging
@@ -17,6 +19,7 @@ import pytest
 
 from blackgate import (BadRequest, BlackgateError, Command, CommandError, Event, FailureType,
                        component)
+from support import ForcedOpenNoFallback, Held, HeldNoFallback, Tiny, TinyNoFallback, add_pool
 
 #: Real seconds: the longest a test waits for a thread before it fails.
 WAIT = 5.0
@@ -27,38 +30,6 @@ IS_PROPERTIES = ('is_successful_execution', 'is_failed_execution', 'is_response_
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-class Gate:
-    """A point where run() or fallback() waits until the test opens it."""
-
-    def __init__(self):
-        self.entered = threading.Event()
-        self._opened = threading.Event()
-
-    def hold(self):
-        self.entered.set()
-        self._opened.wait(WAIT)
-
-    def open(self):
-        self._opened.set()
-
-    def wait_entered(self):
-        assert self.entered.wait(WAIT), 'nothing reached the gate'
-
-
-@pytest.fixture
-def gates(clock):
-    """Make Gates; every one is opened at teardown, before the registry shuts down."""
-    made = []
-
-    def make():
-        made.append(Gate())
-        return made[-1]
-
-    yield make
-    for gate in made:
-        gate.open()
-
 
 class Call:
     """``fn()`` on a daemon thread; ``result()`` returns its value or raises its exception."""
@@ -110,12 +81,6 @@ def outcome(cmd):
         return cmd.execute()
     except Exception as exc:
         return exc
-
-
-def add_pool(group_key, max_workers, max_queue_size=0):
-    component.add('executor_pool', {'group_key': group_key, 'max_workers': max_workers,
-                                    'max_queue_size': max_queue_size})
-    component.install()
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -174,31 +139,6 @@ class BrokenFallbackDisabled(Broken):
     fallback_enabled = False
 
 
-class Held(Command):
-    """run() waits at its gate, then answers 'late'."""
-
-    def __init__(self, gate):
-        self.gate = gate
-        self.ran = threading.Event()
-
-    def run(self):
-        self.ran.set()
-        self.gate.hold()
-        return 'late'
-
-    def fallback(self):
-        return 'stale'
-
-
-class HeldNoFallback(Command):
-    def __init__(self, gate):
-        self.gate = gate
-
-    def run(self):
-        self.gate.hold()
-        return 'late'
-
-
 class HeldFallbackRaises(Held):
     def fallback(self):
         self.fallback_error = LookupError('cache empty')
@@ -211,38 +151,6 @@ class HeldWithoutTimeout(Held):
 
 class ForcedOpen(Fresh):
     circuit_breaker_force_open = True
-
-
-class ForcedOpenNoFallback(Command):
-    circuit_breaker_force_open = True
-
-    def run(self):
-        return 'fresh'
-
-
-class Tiny(Command):
-    """Runs on the one-worker pool 'tiny'; held at its gate if it has one."""
-
-    group_key = 'tiny'
-    timeout_enabled = False
-
-    def __init__(self, gate=None):
-        self.gate = gate
-
-    def run(self):
-        if self.gate is not None:
-            self.gate.hold()
-        return 'fresh'
-
-    def fallback(self):
-        return 'stale'
-
-
-class TinyNoFallback(Command):
-    group_key = 'tiny'
-
-    def run(self):
-        return 'fresh'
 
 
 class Invalid(Command):

@@ -1,6 +1,5 @@
 """Command configuration (DESIGN.md §3): defaults, precedence and ConfigError."""
 import asyncio
-import concurrent.futures
 import itertools
 import math
 import threading
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 from blackgate import (BlackgateError, BreakerState, Command, CommandError, ConfigError, Event,
                        FailureType, component)
 from blackgate.testing import FakeClock
+from support import FailsOnDemand, in_thread, run_async
 
 BUILT_INS = {
     'group_key': 'default',
@@ -48,24 +48,6 @@ def settings_of(cls):
     except CommandError:    # e.g. forced open with fallback_max_concurrent_requests = 0
         pass
     return component.circuit_breaker(cls.command_key).settings
-
-
-def in_thread(fn, *args):
-    """Call ``fn(*args)`` on a daemon thread; a concurrent Future of its result."""
-    future = concurrent.futures.Future()
-
-    def target():
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=target, daemon=True).start()
-    return future
-
-
-def run_async(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, WAIT))
 
 
 @pytest.fixture
@@ -228,19 +210,8 @@ def test_default_request_volume_threshold_is_twenty(requests, state):
     (11, BreakerState.OPEN),
 ])
 def test_default_error_threshold_is_fifty_percent(failures, state):
-    class Mixed(Command):
+    class Mixed(FailsOnDemand):
         metrics_health_snapshot_interval = 0
-
-        def __init__(self, fail):
-            self.fail = fail
-
-        def run(self):
-            if self.fail:
-                raise ConnectionError('upstream down')
-            return 'ran'
-
-        def fallback(self):
-            return 'fallback'
 
     # Only the 20th completion reaches the default volume threshold.
     for fail in [False] * (20 - failures) + [True] * failures:
@@ -270,20 +241,9 @@ def test_circuit_breaker_is_not_forced_by_default():
     (5.0, (Event.SUCCESS,)),
 ])
 def test_default_sleep_window_is_five_seconds(clock, advance, events):
-    class Flaky(Command):
+    class Flaky(FailsOnDemand):
         circuit_breaker_request_volume_threshold = 1
         metrics_health_snapshot_interval = 0
-
-        def __init__(self, fail):
-            self.fail = fail
-
-        def run(self):
-            if self.fail:
-                raise ConnectionError('upstream down')
-            return 'ran'
-
-        def fallback(self):
-            return 'fallback'
 
     Flaky(fail=True).execute()
     assert component.circuit_breaker('Flaky').state is BreakerState.OPEN
@@ -306,19 +266,8 @@ def test_default_rolling_window_is_ten_buckets_of_one_second(clock, advance, cou
 
 @pytest.mark.parametrize('advance, state', [(0.4, BreakerState.CLOSED), (0.5, BreakerState.OPEN)])
 def test_default_health_snapshot_interval_is_half_a_second(clock, advance, state):
-    class Flaky(Command):
+    class Flaky(FailsOnDemand):
         circuit_breaker_request_volume_threshold = 1
-
-        def __init__(self, fail):
-            self.fail = fail
-
-        def run(self):
-            if self.fail:
-                raise ConnectionError('upstream down')
-            return 'ran'
-
-        def fallback(self):
-            return 'fallback'
 
     Flaky(fail=False).execute()          # snapshot taken: 1 request, 0 % errors
     Flaky(fail=True).execute()

@@ -28,6 +28,7 @@ import pytest
 
 from blackgate import (BadRequest, BreakerState, Command, CommandError, Event, FailureType,
                        component)
+from support import FailsOnDemand, add_pool, gate_maker
 
 #: Real seconds: the longest a test waits for a thread, a worker or a future.
 WAIT = 10.0
@@ -36,7 +37,11 @@ WAIT = 10.0
 # -- helpers -------------------------------------------------------------------------------
 
 class Gate:
-    """A point where run() waits (at most WAIT) until the test opens it."""
+    """A point where run() waits (at most WAIT) until the test opens it.
+
+    Stricter than ``support.Gate``: a run() never released fails, and ``left``
+    tells when run() went on.
+    """
 
     def __init__(self):
         self.entered = threading.Event()
@@ -58,15 +63,7 @@ class Gate:
 @pytest.fixture
 def gates(clock):
     """Make Gates; every one is opened at teardown, before the registry shuts down."""
-    made = []
-
-    def make():
-        made.append(Gate())
-        return made[-1]
-
-    yield make
-    for gate in made:
-        gate.open()
+    yield from gate_maker(Gate)
 
 
 def start(target, *args):
@@ -98,12 +95,6 @@ def wait_for(predicate, bound=WAIT, what='condition'):
     while not predicate():
         assert time.monotonic() < deadline, '%s not reached within %ss' % (what, bound)
         time.sleep(0.002)
-
-
-def add_pool(group_key, max_workers, max_queue_size=0):
-    component.add('executor_pool', {'group_key': group_key, 'max_workers': max_workers,
-                                    'max_queue_size': max_queue_size})
-    component.install()
 
 
 def counts(key):
@@ -450,21 +441,10 @@ class Raising:
         raise RuntimeError('listener bug in on_state_change')
 
 
-class Flaky(Command):
+class Flaky(FailsOnDemand):
     command_key = 'flaky'
     circuit_breaker_request_volume_threshold = 2
     metrics_health_snapshot_interval = 0
-
-    def __init__(self, fail):
-        self.fail = fail
-
-    def run(self):
-        if self.fail:
-            raise ConnectionError('upstream down')
-        return 'fresh'
-
-    def fallback(self):
-        return 'stale'
 
 
 @pytest.mark.parametrize('driver', ['execute', 'queue'])

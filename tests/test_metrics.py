@@ -18,6 +18,7 @@ import pytest
 from blackgate import BadRequest, Command, CommandError, Event, component
 from blackgate.metrics import FOLD_AT, RollingMetrics
 from blackgate.testing import FakeClock
+from support import finish, held, start
 
 #: The longest any test waits for a thread or an Event before it fails (seconds).
 WAIT = 5.0
@@ -66,31 +67,6 @@ def takes(clock, seconds, value='fresh'):
         clock.advance(seconds)
         return value
     return outcome
-
-
-def held(release, entered=None):
-    """An outcome whose run() signals ``entered`` and waits for ``release`` (at most WAIT)."""
-    def outcome():
-        if entered is not None:
-            entered.set()
-        if not release.wait(WAIT):
-            raise AssertionError('run() was never released')
-        return 'fresh'
-    return outcome
-
-
-def start(target):
-    """Run ``target`` on a new thread; its return value lands in ``thread.results``."""
-    thread = threading.Thread(target=lambda: thread.results.append(target()), daemon=True)
-    thread.results = []
-    thread.start()
-    return thread
-
-
-def finish(thread):
-    thread.join(WAIT)
-    assert not thread.is_alive()
-    return thread.results
 
 
 def run_async(coroutine):

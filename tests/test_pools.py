@@ -1,6 +1,5 @@
 """Fail-fast bulkheads (DESIGN.md §4, §5 steps 3 and 4; issue 3, Done when 4 and 6)."""
 import asyncio
-import concurrent.futures
 import sys
 import threading
 import time
@@ -9,6 +8,7 @@ import pytest
 
 from blackgate import Command, Event, component
 from blackgate.pools import Permits
+from support import add_pool, in_thread, run_async
 
 WAIT = 5.0   # seconds: the bound on every wait between threads
 GROUP = 'bulkhead'
@@ -50,10 +50,7 @@ def admissions(clock):
 
 
 def install_pool(max_workers, max_queue_size):
-    component.add('executor_pool', {'group_key': GROUP, 'max_workers': max_workers,
-                                    'max_queue_size': max_queue_size})
-    component.install()
-    return component.pool(GROUP)
+    return add_pool(GROUP, max_workers, max_queue_size)
 
 
 class Held(Command):
@@ -82,24 +79,6 @@ class Quick(Command):
 
     def fallback(self):
         return 'fallback'
-
-
-def in_thread(fn, *args):
-    """Call ``fn(*args)`` on a daemon thread; a concurrent Future of its result."""
-    future = concurrent.futures.Future()
-
-    def target():
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=target, daemon=True).start()
-    return future
-
-
-def run_async(coroutine, timeout=WAIT):
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 async def next_iterations(count=3):

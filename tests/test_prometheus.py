@@ -13,28 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from blackgate import BadRequest, Command, CommandError, Event, component  # noqa: E402
 from blackgate.prometheus import BlackgateCollector  # noqa: E402
+from support import Lookup  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WAIT = 5.0
-
-
-class Lookup(Command):
-    group_key = 'lookups'
-    command_key = 'lookup'
-
-    def __init__(self, clock, seconds=0.02, fail=False, bad=False):
-        self.clock, self.seconds, self.fail, self.bad = clock, seconds, fail, bad
-
-    def run(self):
-        self.clock.advance(self.seconds)
-        if self.bad:
-            raise BadRequest('no such id')
-        if self.fail:
-            raise ConnectionError('upstream down')
-        return 'fresh'
-
-    def fallback(self):
-        return 'stale'
 
 
 class Sick(Command):

@@ -12,16 +12,13 @@ import json
 import pytest
 
 from blackgate import BadRequest, BreakerState, Event, HTTPProxyCommand, component
-from proxy_upstream import (TEST_TIMEOUT, WAIT, Raw, Reply, Reset, Stall, closed_port,  # noqa: F401
-                            drained, forward_to, gateway, install_pool, request_bytes, upstream)
+from proxy_upstream import (TEST_TIMEOUT, WAIT, Raw, Reply, Reset, Stall, answer,  # noqa: F401
+                            closed_port, drained, forward_to, gateway, install_pool,
+                            request_bytes, upstream)
 
 pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT)
 
 ERROR_FIELDS = {'error', 'command_key', 'failure_type'}
-
-
-def answer(reply):
-    return lambda received: reply
 
 
 def assert_gateway_error(response, status, marker, failure_type):

@@ -9,20 +9,11 @@ import os
 
 import pytest
 
-from proxy_upstream import (TEST_TIMEOUT, WAIT, Raw, Reply, Stall, forward_to,  # noqa: F401
-                            gateway, install_pool, read_response, request_bytes, upstream)
+from proxy_upstream import (TEST_TIMEOUT, WAIT, Raw, Reply, Stall, answer,  # noqa: F401
+                            forward_to, gateway, install_pool, proxy, read_response,
+                            request_bytes, upstream)
 
 pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT)
-
-
-@pytest.fixture
-def proxy(upstream, gateway):
-    install_pool('proxy')
-    return gateway(forward_to(upstream.url))
-
-
-def answer(reply):
-    return lambda received: reply
 
 
 def echo_body(received):

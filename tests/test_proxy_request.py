@@ -7,16 +7,9 @@ import pytest
 
 from blackgate import HTTPProxyCommand
 from proxy_upstream import (TEST_TIMEOUT, forward_to, gateway, install_pool,  # noqa: F401
-                            upstream)
+                            proxy, upstream)
 
 pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT)
-
-
-@pytest.fixture
-def proxy(upstream, gateway):
-    """A gateway forwarding every path to the echo upstream."""
-    install_pool('proxy')
-    return gateway(forward_to(upstream.url))
 
 
 async def test_hop_by_hop_request_fields_are_dropped(proxy, upstream):

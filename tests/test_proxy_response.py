@@ -8,20 +8,10 @@ import json
 import pytest
 
 from blackgate import Event, HTTPProxyCommand, component
-from proxy_upstream import (TEST_TIMEOUT, Reply, forward_to, gateway, install_pool,  # noqa: F401
-                            upstream)
+from proxy_upstream import (TEST_TIMEOUT, Reply, answer, forward_to, gateway,  # noqa: F401
+                            install_pool, proxy, upstream)
 
 pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT)
-
-
-@pytest.fixture
-def proxy(upstream, gateway):
-    install_pool('proxy')
-    return gateway(forward_to(upstream.url))
-
-
-def answer(reply):
-    return lambda received: reply
 
 
 @pytest.mark.parametrize('status, reason', [

@@ -2,8 +2,10 @@
 
 The queue() timeout is an IOLoop timer that follows the FakeClock: the test
 advances the clock and the timer fires on the next loop iteration. Workers are
-held on a ``Gate`` (a threading.Event), async runs on an ``asyncio.Event``;
-every wait is bounded (``WAIT``, and pytest-tornado's own test timeout).
+held on a ``Gate`` (a threading.Event; ``support.Gate``, made by conftest's
+``gates`` fixture), async runs on an ``asyncio.Event``; every wait is bounded
+(``WAIT``, and pytest-tornado's own test timeout). ``Held``, ``Tiny`` and their
+variants are the commands of test_command.py too, from support.py.
 """
 import asyncio
 import gc
@@ -18,41 +20,13 @@ import tornado.ioloop
 from blackgate import (BadRequest, BlackgateError, BreakerState, Command, CommandError, Event,
                        FailureType, component)
 from blackgate.testing import FakeClock
+from support import ForcedOpenNoFallback, Held, HeldNoFallback, Tiny, TinyNoFallback, add_pool
 
 #: Real seconds: the longest a test waits for a thread before it fails.
 WAIT = 5.0
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-class Gate:
-    """A point where run() waits until the test opens it."""
-
-    def __init__(self):
-        self.entered = threading.Event()
-        self._opened = threading.Event()
-
-    def hold(self):
-        self.entered.set()
-        self._opened.wait(WAIT)
-
-    def open(self):
-        self._opened.set()
-
-
-@pytest.fixture
-def gates(clock):
-    """Make Gates; every one is opened at teardown, before the registry shuts down."""
-    made = []
-
-    def make():
-        made.append(Gate())
-        return made[-1]
-
-    yield make
-    for gate in made:
-        gate.open()
-
 
 async def in_thread(fn, *args):
     """``fn(*args)`` on a helper thread, awaited without blocking the loop."""
@@ -76,12 +50,6 @@ async def drain_workers():
     await spin()
 
 
-def add_pool(group_key, max_workers, max_queue_size=0):
-    component.add('executor_pool', {'group_key': group_key, 'max_workers': max_workers,
-                                    'max_queue_size': max_queue_size})
-    component.install()
-
-
 def loop_trouble(caplog):
     """Records that tell of a broken future: lost exceptions, failing callbacks."""
     return [record for record in caplog.records
@@ -100,31 +68,6 @@ class Echo(Command):
 
     def fallback(self):
         return 'stale'
-
-
-class Held(Command):
-    """run() waits at its gate, then answers 'late'."""
-
-    def __init__(self, gate):
-        self.gate = gate
-        self.ran = threading.Event()
-
-    def run(self):
-        self.ran.set()
-        self.gate.hold()
-        return 'late'
-
-    def fallback(self):
-        return 'stale'
-
-
-class HeldNoFallback(Command):
-    def __init__(self, gate):
-        self.gate = gate
-
-    def run(self):
-        self.gate.hold()
-        return 'late'
 
 
 class HeldFailing(Held):
@@ -173,36 +116,6 @@ class BrokenFallbackRaises(Command):
 
     def fallback(self):
         raise self.fallback_error
-
-
-class ForcedOpenNoFallback(Command):
-    circuit_breaker_force_open = True
-
-    def run(self):
-        return 'fresh'
-
-
-class Tiny(Command):
-    group_key = 'tiny'
-    timeout_enabled = False
-
-    def __init__(self, gate=None):
-        self.gate = gate
-
-    def run(self):
-        if self.gate is not None:
-            self.gate.hold()
-        return 'fresh'
-
-    def fallback(self):
-        return 'stale'
-
-
-class TinyNoFallback(Command):
-    group_key = 'tiny'
-
-    def run(self):
-        return 'fresh'
 
 
 class Invalid(Command):

@@ -1,6 +1,5 @@
 """The registry (DESIGN.md §4, and §7's listeners and clock): every ``component`` method."""
 import asyncio
-import concurrent.futures
 import http.server
 import logging
 import threading
@@ -12,6 +11,7 @@ from blackgate import (BlackgateError, BreakerState, Command, CommandError, Comp
                        ConfigError, Event, PoolNotRegistered, component)
 from blackgate.clock import SystemClock
 from blackgate.testing import FakeClock
+from support import FailsOnDemand, in_thread
 
 WAIT = 5.0   # seconds: the bound on every wait between threads
 
@@ -30,34 +30,11 @@ def command_in(group_key, name='InGroup'):
     return type(name, (Echo,), {'group_key': group_key})
 
 
-class Flaky(Command):
+class Flaky(FailsOnDemand):
+    """Fails on demand (``Flaky(fail=True)``); trips at one request."""
+
     circuit_breaker_request_volume_threshold = 1
     metrics_health_snapshot_interval = 0
-
-    def __init__(self, fail):
-        self.fail = fail
-
-    def run(self):
-        if self.fail:
-            raise ConnectionError('upstream down')
-        return 'fresh'
-
-    def fallback(self):
-        return 'stale'
-
-
-def in_thread(fn, *args):
-    """Call ``fn(*args)`` on a daemon thread; a concurrent Future of its result."""
-    future = concurrent.futures.Future()
-
-    def target():
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=target, daemon=True).start()
-    return future
 
 
 def blackgate_threads():

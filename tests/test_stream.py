@@ -13,7 +13,6 @@ milliseconds, kept short.
 import asyncio
 import gc
 import json
-import threading
 import weakref
 
 import pytest
@@ -22,6 +21,7 @@ from tornado.tcpclient import TCPClient
 
 from blackgate import BadRequest, Command, component
 from blackgate.web import DashboardHandler, MetricsStreamHandler, routes
+from support import Gate, Lookup
 
 #: Real seconds: the longest a test waits for the stream before it fails.
 WAIT = 5.0
@@ -192,37 +192,6 @@ def no_stream_left_behind():
 
 
 # -- commands with known behaviour ---------------------------------------------------------
-
-class Gate:
-    def __init__(self):
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-
-    def hold(self):
-        self.entered.set()
-        self.opened.wait(WAIT)
-
-
-class Lookup(Command):
-    """Takes exactly ``seconds`` of FakeClock time; fails or rejects on demand."""
-
-    group_key = 'lookups'
-    command_key = 'lookup'
-
-    def __init__(self, clock, seconds=0.02, fail=False, bad=False):
-        self.clock, self.seconds, self.fail, self.bad = clock, seconds, fail, bad
-
-    def run(self):
-        self.clock.advance(self.seconds)
-        if self.bad:
-            raise BadRequest('no such id')
-        if self.fail:
-            raise ConnectionError('upstream down')
-        return 'fresh'
-
-    def fallback(self):
-        return 'stale'
-
 
 class Search(Command):
     command_key = 'search'

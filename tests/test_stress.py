@@ -30,6 +30,7 @@ import pytest
 
 from blackgate import (BadRequest, BreakerState, Command, CommandError, Event, FailureType,
                        component)
+from support import FailsOnDemand
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 LEGAL = {(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED), (HALF_OPEN, OPEN)}
@@ -406,22 +407,11 @@ def test_listeners_hear_the_moves_of_a_breaker_in_the_order_they_happened(clock)
     logger = logging.getLogger('blackgate')
     logger.addHandler(slow)
 
-    class Quick(Command):
+    class Quick(FailsOnDemand):
         command_key = 'stress.quick'
         circuit_breaker_request_volume_threshold = 1
         circuit_breaker_sleep_window = 0.0
         metrics_health_snapshot_interval = 0
-
-        def __init__(self, fail):
-            self.fail = fail
-
-        def run(self):
-            if self.fail:
-                raise ConnectionError('upstream down')
-            return 'fresh'
-
-        def fallback(self):
-            return 'stale'
 
     try:
         tripping = threading.Thread(target=lambda: Quick(True).execute(), daemon=True)
