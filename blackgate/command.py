@@ -254,6 +254,10 @@ class Command:
 
     # -- the pipeline's steps --------------------------------------------------------
 
+    def _bg_timeout(self) -> Optional[float]:
+        """The timeout this command's class runs under, as resolved; None if disabled."""
+        return _runtime(type(self)).timeout
+
     def _bg_claim(self) -> None:
         # dict.setdefault is atomic: of two threads racing on one instance, one wins.
         marker: list = []

@@ -47,7 +47,7 @@ import urllib3.exceptions
 import urllib3.poolmanager
 from urllib3.util import SKIP_HEADER
 
-from .command import Command, _runtime
+from .command import Command
 from .errors import BadRequest, BlackgateError, CommandError
 from .events import Event, FailureType
 from .registry import component
@@ -201,7 +201,7 @@ class HTTPProxyCommand(Command):
         prepared.headers = headers   # type: ignore[assignment]  # urllib3 sends repeats apart
         prepared.body = body
         session = _session()
-        timeout = _runtime(type(self)).timeout
+        timeout = self._bg_timeout()
         _exact.target = _verbatim_target(url)
         try:
             # The session's adapter, directly: Session.send() would also parse every

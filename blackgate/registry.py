@@ -246,6 +246,12 @@ class Component:
         return sorted(self._keys)
 
     @property
+    def command_classes(self) -> Dict[type, str]:
+        """Every command class that has run or been resolved, with its command key."""
+        with self._lock:
+            return {cls: command_key for cls, (command_key, _) in self._classes.items()}
+
+    @property
     def pools(self) -> Dict[str, ExecutorPool]:
         """The running pools by group key."""
         return dict(self._pools)

@@ -102,7 +102,7 @@ def _number(value: float) -> Any:
 def _isolation(registry: Component) -> Dict[str, str]:
     """``command_key -> 'THREAD' | 'SEMAPHORE'`` for every command class that has run."""
     strategies: Dict[str, str] = {}
-    for cls, (command_key, _values) in list(registry._classes.items()):
+    for cls, command_key in registry.command_classes.items():
         if inspect.iscoroutinefunction(getattr(cls, 'run', None)):
             strategies[command_key] = 'SEMAPHORE'
         else:

@@ -667,3 +667,25 @@ def test_global_reset_leaves_a_separate_component_alone(other):
     other.install()
     component.reset()
     assert other.pool('isolated').group_key == 'isolated'
+
+
+def test_command_classes_are_those_that_ran_with_their_keys():
+    class Plain(Command):
+        def run(self):
+            return 1
+
+    class Renamed(Command):
+        command_key = 'renamed'
+
+        async def run(self):
+            return 2
+
+    assert component.command_classes == {}
+    assert Plain().execute() == 1
+    async def queued():
+        return await Renamed().queue()
+
+    assert asyncio.run(queued()) == 2
+    assert component.command_classes == {Plain: 'Plain', Renamed: 'renamed'}
+    component.reset()
+    assert component.command_classes == {}
