@@ -122,8 +122,8 @@ _FILLED = ('the baseline, the peers and Blackgate hop to the same 10 worker thre
 def _shared_executor(group_key: str) -> concurrent.futures.ThreadPoolExecutor:
     """The ThreadPoolExecutor inside Blackgate's pool ``group_key``, for the bare candidates.
 
-    Two ThreadPoolExecutors of ten started threads each still differ: in one run
-    Blackgate's own hopped 5% faster than a second one made beside it, every round.
+    Two ThreadPoolExecutors of ten started threads each still differ: Blackgate's
+    own hopped 5% faster than a second one made beside it, in each of three runs.
     Hopping to the same threads leaves only what each candidate adds to the hop.
     (It reaches into the pool on purpose: nothing else should bypass its admission.)
     """
