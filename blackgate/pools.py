@@ -57,6 +57,12 @@ class Permits:
         """Give back a permit taken with :meth:`try_acquire`."""
         self._held.pop()
 
+    def release_refused(self) -> None:
+        """Give back a permit whose work could not start after all, and count a refusal."""
+        self._held.pop()
+        with self._lock:
+            self.rejected += 1
+
     @property
     def in_use(self) -> int:
         """Permits taken now."""
@@ -81,23 +87,20 @@ class ExecutorPool:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
         self._lock = threading.Lock()   # only for the rare updates below, never per call
-        # One item per admitted, unfinished run: admission appends and takes it back if that
-        # went over capacity; the work pops it when done. All atomic, so no lock per call.
-        self._in_flight: List[None] = []
-        in_flight_pop = self._in_flight.pop
+        # One slot per admitted, unfinished run, taken and given back without a lock.
+        slots = self._slots = Permits(self._capacity)
+        release_slot = slots._held.pop   # Permits.release, minus a frame on every run
         # next() on an itertools.count is one atomic step: a counter no thread can lose an
         # update of. Reading it also steps it, so completed_count counts its own reads.
         completions = self._completions = itertools.count()
         self._reads = 0
 
         def release() -> None:
-            in_flight_pop()
+            release_slot()
             next(completions)
 
         self._release = release
         self._largest = 0
-        #: submissions refused since the pool started
-        self.rejected_count = 0
         #: True once shutdown() was called: every submission is refused
         self.is_shut_down = False
 
@@ -112,14 +115,10 @@ class ExecutorPool:
 
         Two callers racing for the last slot may both be refused, never both admitted.
         """
-        in_flight = self._in_flight
-        in_flight.append(None)
-        admitted = len(in_flight)
-        if admitted > self._capacity:
-            in_flight.pop()
-            with self._lock:
-                self.rejected_count += 1
+        slots = self._slots
+        if not slots.try_acquire():
             return None
+        admitted = slots.in_use
         if admitted > self._largest:   # a new high-water mark: rare once warm
             with self._lock:
                 if admitted > self._largest:
@@ -127,15 +126,18 @@ class ExecutorPool:
         try:
             return self._executor.submit(fn, self._release, *args)
         except RuntimeError:  # shut down: refuse like a full pool
-            in_flight.pop()
-            with self._lock:
-                self.rejected_count += 1
+            slots.release_refused()
             return None
+
+    @property
+    def rejected_count(self) -> int:
+        """Submissions refused since the pool started."""
+        return self._slots.rejected
 
     @property
     def in_flight(self) -> int:
         """Work admitted and not finished: running plus waiting."""
-        return len(self._in_flight)
+        return self._slots.in_use
 
     @property
     def completed_count(self) -> int:
@@ -148,12 +150,12 @@ class ExecutorPool:
     @property
     def active_count(self) -> int:
         """Workers busy right now (a timed-out ``run()`` keeps its worker busy)."""
-        return min(len(self._in_flight), self.max_workers)
+        return min(self._slots.in_use, self.max_workers)
 
     @property
     def queue_size(self) -> int:
         """Work waiting for a worker."""
-        return max(0, len(self._in_flight) - self.max_workers)
+        return max(0, self._slots.in_use - self.max_workers)
 
     @property
     def largest_active_count(self) -> int:
