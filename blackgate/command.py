@@ -19,11 +19,9 @@ import asyncio
 import inspect
 import logging
 import sys
-import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .breaker import DENY, TRIAL
-from .clock import SystemClock
 from .clock import TimeoutError as _WaitTimeout
 from .config import COMMAND_DEFAULTS, CommandSettings, check_value
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
@@ -37,7 +35,6 @@ log = logging.getLogger('blackgate')
 
 _get_running_loop = asyncio._get_running_loop   # public in asyncio.events.__all__; cheap, no raise
 _EAGER = sys.version_info >= (3, 12)
-_monotonic = time.monotonic
 
 # Module constants: reading Event.X goes through the enum's metaclass (50 ns on 3.11).
 SUCCESS = Event.SUCCESS
@@ -67,7 +64,7 @@ class _Runtime:
 
     __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'component', 'store', 'system_clock')
+                 'component', 'store')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -89,7 +86,6 @@ class _Runtime:
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
         self.store = registry._store   # fleet mode's state store, or None
-        self.system_clock = type(self.clock) is SystemClock
 
 
 def _class_values(cls: type) -> Dict[str, Any]:
@@ -204,10 +200,7 @@ class Command:
                 value, error, elapsed, finished = future.result()
             else:
                 deadline = start + rt.timeout
-                if rt.system_clock:   # what SystemClock.wait_until does, one call less
-                    value, error, elapsed, finished = future.result(deadline - _monotonic())
-                else:
-                    value, error, elapsed, finished = clock.wait_until(future, deadline)
+                value, error, elapsed, finished = clock.wait_until(future, deadline)
                 if finished >= deadline:   # answered, but not within the timeout
                     raise _WaitTimeout()
         except _WaitTimeout:
@@ -431,7 +424,7 @@ class Command:
                 value = self.fallback()
             except BaseException as exc:   # counted even if it is KeyboardInterrupt
                 permits.release()
-                cause = error if error is not None else _cause(rt, event)
+                cause = _cause(rt, event, error)
                 events, failed = self._bg_fallback_failed(rt, event, cause, exc)
                 self._bg_finish(rt, token, events, start, elapsed, cause, failed)
                 if not isinstance(exc, Exception):
@@ -440,7 +433,7 @@ class Command:
             permits.release()
             self._bg_finish(rt, token, _FELL_BACK[event], start, elapsed, error)
             return value
-        cause = error if error is not None else _cause(rt, event)
+        cause = _cause(rt, event, error)
         events, denied = self._bg_fallback_denied(rt, event, cause)
         self._bg_finish(rt, token, events, start, elapsed, cause, denied)
         raise denied from cause
@@ -449,7 +442,7 @@ class Command:
                        error: Optional[BaseException] = None) -> None:
         permits = rt.state.fallback_permits
         if not (rt.has_fallback and permits.try_acquire()):
-            cause = error if error is not None else _cause(rt, event)
+            cause = _cause(rt, event, error)
             events, denied = self._bg_fallback_denied(rt, event, cause)
             denied.__cause__ = cause
             self._bg_resolve(rt, events, denied, elapsed, cause)
@@ -458,7 +451,7 @@ class Command:
             value = self.fallback()
         except BaseException as exc:   # the future must resolve whatever the fallback raised
             permits.release()
-            cause = error if error is not None else _cause(rt, event)
+            cause = _cause(rt, event, error)
             self._bg_resolve(rt, *self._bg_fallback_failed(rt, event, cause, exc),
                              elapsed=elapsed, cause=cause, value=None)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -473,7 +466,7 @@ class Command:
             permits.release()
             exc = asyncio.CancelledError() if task.cancelled() else task.exception()
             if exc is not None:
-                cause = error if error is not None else _cause(rt, event)
+                cause = _cause(rt, event, error)
                 self._bg_resolve(rt, *self._bg_fallback_failed(rt, event, cause, exc),
                                  elapsed=elapsed, cause=cause, value=None)
             else:
@@ -597,7 +590,11 @@ class Command:
         return '<%s %s %s>' % (type(self).__name__, type(self).command_key, state)
 
 
-def _cause(rt: _Runtime, event: Event) -> BaseException:
+def _cause(rt: _Runtime, event: Event, raised: Optional[BaseException] = None
+           ) -> BaseException:
+    """What made the execution fail: ``raised`` (what run() raised), or one built for ``event``."""
+    if raised is not None:
+        return raised
     key = rt.command_key
     if event is SHORT_CIRCUITED:
         if rt.breaker.force_open:
