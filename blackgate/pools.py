@@ -129,6 +129,27 @@ class ExecutorPool:
             slots.release_refused()
             return None
 
+    def try_admit(self) -> Optional[Callable[[], None]]:
+        """Take a slot for work that needs no thread; its ``release``, or None if the pool is full.
+
+        For an ``async def run()`` admitted by its group (``Command.group_admission``,
+        as :class:`~blackgate.HTTPProxyCommand` is): it counts against ``max_workers +
+        max_queue_size`` like a submission, runs on the IOLoop, and calls ``release()``
+        exactly once when it ends.
+        """
+        slots = self._slots
+        if not slots.try_acquire():
+            return None
+        if self.is_shut_down:   # refused like a full pool, as try_submit() does
+            slots.release_refused()
+            return None
+        admitted = slots.in_use
+        if admitted > self._largest:
+            with self._lock:
+                if admitted > self._largest:
+                    self._largest = admitted
+        return self._release
+
     @property
     def rejected_count(self) -> int:
         """Submissions refused since the pool started."""
