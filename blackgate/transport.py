@@ -25,7 +25,7 @@ import re
 import socket
 import ssl
 import weakref
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
 
 import tornado.iostream
 import tornado.netutil
@@ -585,7 +585,8 @@ class ResponseBody:
         if self._mode == _LENGTH:
             # Most often the bytes are buffered already (they came with the head): then
             # the read is done at once, and needs no timer.
-            reading = stream.read_bytes(min(self._left, CHUNK_SIZE), partial=True)
+            reading = cast('asyncio.Future[bytes]',
+                           stream.read_bytes(min(self._left, CHUNK_SIZE), partial=True))
             if reading.done() and reading.exception() is None:
                 data = reading.result()
                 self._left -= len(data)
