@@ -38,7 +38,7 @@ log = logging.getLogger('blackgate')
 DEFAULT_GROUP = 'default'
 _SET_KEYS = ('command_defaults', 'state_store')
 _ADD_KEYS = ('executor_pool', 'command')
-_LISTENER_METHODS = ('on_event', 'on_state_change')
+_LISTENER_METHODS = ('on_event', 'on_state_change', 'on_reset')
 
 
 class KeyState:
@@ -214,16 +214,21 @@ class Component:
     def reset(self) -> None:
         """Shut down, then forget all configuration, pools, breakers, metrics and listeners.
 
-        The clock goes back to the system clock. Meant for tests.
+        The clock goes back to the system clock; each listener's ``on_reset()``, if it
+        has one, is called once it is forgotten. Meant for tests.
         """
         self.shutdown()
         with self._lock:
             self._forget()
             self._clock = SystemClock()
-            self._listeners = ()
+            listeners, self._listeners = self._listeners, ()
             session, self._session = self._session, None
         if session is not None:
             session.close()
+        for listener in listeners:
+            on_reset = getattr(listener, 'on_reset', None)
+            if on_reset is not None:
+                _call_listener(on_reset)
 
     # -- what commands and users look up ----------------------------------------------
 
@@ -302,10 +307,14 @@ class Component:
     # -- listeners ---------------------------------------------------------------------
 
     def add_listener(self, listener: Any) -> None:
-        """Call ``listener.on_event(command_key, event)`` and ``on_state_change(command_key, old, new)``."""
+        """Call ``listener.on_event(command_key, event)`` and ``on_state_change(command_key, old, new)``.
+
+        And ``on_reset()`` when :meth:`reset` forgets it; a listener may have any of the three.
+        """
         if not any(callable(getattr(listener, name, None)) for name in _LISTENER_METHODS):
-            raise TypeError('a listener needs an on_event(command_key, event) or an '
-                            'on_state_change(command_key, old, new) method; got %r' % (listener,))
+            raise TypeError('a listener needs an on_event(command_key, event), an '
+                            'on_state_change(command_key, old, new) or an on_reset() method; '
+                            'got %r' % (listener,))
         with self._lock:
             self._listeners += (listener,)
 

@@ -583,3 +583,28 @@ def test_permits_never_admit_more_than_their_limit_under_contention():
     assert 1 <= held[1] <= 3
     assert sum(refused) == permits.rejected > 0
     assert permits.in_use == 0
+
+
+# -- what a pool tells of itself ------------------------------------------------------------
+
+def test_a_pool_is_used_once_work_was_submitted_admitted_or_not(gate):
+    pool = install_pool(1, 0)
+    assert not pool.used
+    assert Quick().execute() == 'ran'
+    assert pool.used
+    other = add_pool('refusing', 1, 0)
+    other.shutdown()
+    Refused = type('Refused', (Quick,), {'group_key': 'refusing', 'command_key': 'refused'})
+    assert Refused().execute() == 'fallback'      # refused: a shut-down pool admits nothing
+    assert other.used and other.rejected_count == 1
+
+
+def test_pool_size_counts_the_threads_started_one_per_work_held_at_once(gate):
+    pool = install_pool(6, 0)
+    assert pool.pool_size == 0
+    held = [in_thread(Held(gate).execute) for _ in range(4)]
+    assert gate.wait_started(4)
+    assert pool.pool_size == 4
+    gate.open()
+    assert [future.result(WAIT) for future in held] == ['ran'] * 4
+    assert pool.pool_size == 4                    # ThreadPoolExecutor keeps its threads
