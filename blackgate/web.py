@@ -443,6 +443,8 @@ class DashboardHandler(tornado.web.RequestHandler):
 def routes(prefix: str = '/blackgate', **stream_options: Any) -> List[tuple]:
     """The dashboard at ``prefix + '/'`` and the stream at ``prefix + '/hystrix.stream'``.
 
+    ``prefix`` without the slash redirects to the dashboard (the page finds the
+    stream beside it, so it must be served from ``prefix + '/'``).
     ``stream_options`` (``max_clients``, ``delay``, ``registry``) go to
     :class:`MetricsStreamHandler`::
 
@@ -452,4 +454,7 @@ def routes(prefix: str = '/blackgate', **stream_options: Any) -> List[tuple]:
     stream: tuple = (prefix + '/hystrix.stream', MetricsStreamHandler)
     if stream_options:
         stream += (stream_options,)
-    return [(prefix + '/', DashboardHandler), stream]
+    found = [(prefix + '/', DashboardHandler), stream]
+    if prefix:
+        found.append((prefix, tornado.web.RedirectHandler, {'url': prefix + '/'}))
+    return found

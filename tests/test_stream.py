@@ -649,9 +649,12 @@ async def test_a_delay_that_is_not_a_sane_number_of_milliseconds_is_a_400(stream
 
 def test_routes_are_the_dashboard_and_the_stream():
     assert routes() == [('/blackgate/', DashboardHandler),
-                        ('/blackgate/hystrix.stream', MetricsStreamHandler)]
+                        ('/blackgate/hystrix.stream', MetricsStreamHandler),
+                        ('/blackgate', tornado.web.RedirectHandler, {'url': '/blackgate/'})]
     assert routes('/ops/') == [('/ops/', DashboardHandler),
-                               ('/ops/hystrix.stream', MetricsStreamHandler)]
+                               ('/ops/hystrix.stream', MetricsStreamHandler),
+                               ('/ops', tornado.web.RedirectHandler, {'url': '/ops/'})]
+    assert routes('') == [('/', DashboardHandler), ('/hystrix.stream', MetricsStreamHandler)]
     assert routes('/ops', max_clients=2)[1] == ('/ops/hystrix.stream', MetricsStreamHandler,
                                                 {'max_clients': 2})
 
