@@ -84,10 +84,8 @@ class ExecutorPool:
         #: work that may wait for a worker before more is rejected
         self.max_queue_size = settings.max_queue_size
         self._capacity = settings.max_workers + settings.max_queue_size
-        self._threads = 0   # the initializer runs once in each new worker thread: counts them
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,),
-            initializer=self._thread_started)
+            settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
         self._lock = threading.Lock()   # only for the rare updates below, never per call
         # One slot per admitted, unfinished run, taken and given back without a lock.
         slots = self._slots = Permits(self._capacity)
@@ -169,15 +167,17 @@ class ExecutorPool:
         """Some work was submitted to the pool (admitted or refused) since it started."""
         return self._largest > 0 or self._slots.rejected > 0
 
-    def _thread_started(self) -> None:
-        with self._lock:   # once per thread started: rare
-            self._threads += 1
-
     @property
     def pool_size(self) -> int:
-        """Worker threads the pool has started (``ThreadPoolExecutor`` starts one only when
-        no idle one is left, and keeps it until shutdown), from 0 to ``max_workers``."""
-        return self._threads
+        """Worker threads the pool has started, from 0 to ``max_workers``.
+
+        Its executor starts one only when no idle one is left, and keeps it until shutdown.
+        """
+        executor = self._executor
+        count = getattr(executor, 'thread_count', None)
+        if count is None:   # concurrent.futures.ThreadPoolExecutor tells it nowhere public
+            return len(executor._threads)
+        return count
 
     def shutdown(self, wait: bool = True) -> None:
         """Refuse new work; with ``wait``, return when running and queued work has finished."""
