@@ -58,9 +58,9 @@ try:
                                         HistogramMetricFamily)
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides the package
     raise ImportError(
-        "blackgate.prometheus needs the prometheus_client package: pip install "
-        "prometheus-client, or pip install -e '.[prometheus]' in Blackgate's checkout"
-    ) from exc
+        'blackgate.prometheus needs the prometheus_client package: '
+        "pip install -e '.[prometheus]' in the Blackgate checkout (the package index's "
+        "'blackgate' is another project)") from exc
 
 from .events import BreakerState, Event
 from .metrics import LatencyHistogram, check_bounds
