@@ -607,4 +607,3 @@ def test_permits_never_admit_more_than_their_limit_under_contention():
     assert 1 <= held[1] <= 3
     assert sum(refused) == permits.rejected > 0
     assert permits.in_use == 0
-
