@@ -22,7 +22,7 @@ Spans go to the tracer provider the application set up with OpenTelemetry's
 SDK (``opentelemetry.trace.set_tracer_provider``), or to the one given as
 ``{'backend': 'otel', 'tracer_provider': provider}``; Blackgate configures no
 exporter. With tracing off, or without the ``opentelemetry-api`` package, the
-commands pay one attribute read and :func:`inject` and :func:`incoming` do
+commands pay two attribute reads and :func:`inject` and :func:`incoming` do
 nothing.
 
 For HTTP between services, :func:`inject` writes the current span's W3C
