@@ -214,8 +214,8 @@ def test_a_rejected_call_counts_as_rejected_and_its_fallback_apart(clock, scrape
             thread.start()
         pool, metrics = component.pool('tight'), component.metrics('held')
         pause = threading.Event()
-        for _ in range(500):   # two running, one queued
-            if pool.in_flight == 3 and metrics.concurrent_executions == 2:
+        for _ in range(500):   # two running, one queued (the second thread counted)
+            if (pool.in_flight, metrics.concurrent_executions, pool.pool_size) == (3, 2, 2):
                 break
             pause.wait(0.01)
         assert (pool.in_flight, metrics.concurrent_executions) == (3, 2)
