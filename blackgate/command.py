@@ -194,6 +194,9 @@ class Command:
             raise BlackgateError(
                 '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
                 % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
+        tracer = rt.component.tracer
+        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
+            return tracer.execute(self)
         self._bg_claim()
         clock = rt.clock
         start = clock.monotonic()
@@ -236,6 +239,9 @@ class Command:
             raise BlackgateError(
                 '%s.queue() needs a running IOLoop on this thread; from a plain thread use '
                 '%s(...).execute()' % (type(self).__name__, type(self).__name__))
+        tracer = component.tracer
+        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
+            return tracer.queue(self)
         self._bg_claim()
         self._bg_rt = rt = _runtime(type(self))
         self._bg_loop = loop

@@ -156,6 +156,23 @@ class ExecutorPool:
         return self._slots.rejected
 
     @property
+    def used(self) -> bool:
+        """Some work was submitted to the pool (admitted or refused) since it started."""
+        return self._largest > 0 or self._slots.rejected > 0
+
+    @property
+    def pool_size(self) -> int:
+        """Worker threads the pool has started, from 0 to ``max_workers``.
+
+        Its executor starts one only when no idle one is left, and keeps it until shutdown.
+        """
+        executor = self._executor
+        count = getattr(executor, 'thread_count', None)
+        if count is None:   # concurrent.futures.ThreadPoolExecutor tells it nowhere public
+            return len(executor._threads)
+        return count
+
+    @property
     def in_flight(self) -> int:
         """Work admitted and not finished: running plus waiting."""
         return self._slots.in_use
