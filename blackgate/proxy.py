@@ -43,7 +43,7 @@ import tornado.httputil
 import tornado.iostream
 import tornado.web
 
-from . import transport
+from . import tracing, transport
 from .command import Command, DeferredOutcome
 from .errors import BadRequest, BlackgateError, CommandError
 from .events import Event, FailureType
@@ -369,6 +369,8 @@ class _Exchange:
         method = request['method']
         headers = request.get('headers')
         authority = self.where.authority
+        if component.tracer is not None and isinstance(headers, HTTPHeaderDict):
+            tracing.inject(headers)   # the upstream's spans join this command's trace
         fields: List[Tuple[str, str]] = []
         for name, value in _fields(headers):
             lower = name.lower()
@@ -771,7 +773,11 @@ class HTTPProxy(tornado.web.RequestHandler):
         command = self._instance = self.command(request)
         if self.max_response_body_size is not None:
             command.max_response_body_size = self.max_response_body_size
-        self._pending = command.queue()
+        if component.tracer is None:
+            self._pending = command.queue()
+        else:
+            with tracing.incoming(self.request.headers):   # the client's trace, if any
+                self._pending = command.queue()
 
     # -- the methods -----------------------------------------------------------------------
 

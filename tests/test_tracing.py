@@ -288,3 +288,42 @@ def test_incoming_headers_make_the_clients_trace_the_commands_parent(spans):
     assert span.parent.is_remote
     assert span.context.trace_state.get('vendor') == '1'
     assert trace.get_current_span() is trace.INVALID_SPAN   # nothing left attached
+
+
+@pytest.mark.gen_test
+async def test_the_gateway_joins_the_clients_trace_and_passes_its_span_upstream(
+        spans, http_server, http_port):
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+
+    from blackgate import HTTPProxy, HTTPProxyCommand
+
+    Upstream.seen = []
+    component.add('executor_pool', {'group_key': 'traced', 'max_workers': 2})
+    component.install()
+
+    class Traced(HTTPProxyCommand):
+        group_key = 'traced'
+        command_key = 'traced_proxy'
+
+        def before_request(self):
+            self.request['url'] = 'http://127.0.0.1:%d%s' % (http_port, self.request['path'])
+
+    sockets = bind_sockets(0, '127.0.0.1')
+    server = HTTPServer(tornado.web.Application([(r'/(.*)', HTTPProxy, dict(command=Traced))]))
+    server.add_sockets(sockets)
+    client = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'
+    try:
+        response = await tornado.httpclient.AsyncHTTPClient().fetch(
+            'http://127.0.0.1:%d/upstream' % sockets[0].getsockname()[1],
+            headers={'traceparent': client})
+    finally:
+        server.stop()
+    assert response.body == b'ok'
+    span = spans()['traced_proxy']
+    assert span.context.trace_id == 0x0af7651916cd43dd8448eb211c80319c   # the client's trace
+    assert parent_of(span) == 0xb7ad6b7169203331
+    [traceparent] = Upstream.seen
+    _, trace_id, parent_id, _ = traceparent.split('-')
+    assert int(trace_id, 16) == span.context.trace_id
+    assert int(parent_id, 16) == span.context.span_id   # not the client's own span id
