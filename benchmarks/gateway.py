@@ -362,10 +362,15 @@ class _Processes:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        # SIGTERM first: nginx's master then stops its worker (SIGKILL would orphan it).
         for process in self.running:
-            process.kill()
+            process.terminate()
         for process in self.running:
-            process.wait(10)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
             for stream in (process.stdout, process.stderr):
                 stream.close()
 
