@@ -117,8 +117,10 @@ SHARED_PER_KEY = tuple(
 # -- validation ---------------------------------------------------------------------------
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if isinstance(value, float):
+        return math.isfinite(value)
+    # Any int is finite; math.isfinite() would raise OverflowError on one beyond a float.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_int(value: Any) -> bool:

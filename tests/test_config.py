@@ -568,6 +568,22 @@ def test_invalid_value_raises_config_error_naming_key_value_and_allowed(where, k
     assert allowed in message
 
 
+NUMERIC_KEYS = [key for key in KEYS if type(BUILT_INS[key]) in (int, float)]
+
+
+@pytest.mark.parametrize('where', ['add_command', 'set_command_defaults', 'class_attribute'])
+@pytest.mark.parametrize('key', NUMERIC_KEYS)
+def test_int_too_large_for_a_float_is_a_config_error_not_an_overflow(where, key):
+    error = raise_config_error_from(where, key, 10 ** 400)
+    assert key in str(error) and 'out of range' in str(error)
+
+
+@pytest.mark.parametrize('key', ['max_workers', 'max_queue_size'])
+def test_pool_size_too_large_for_a_float_is_a_config_error_not_an_overflow(key):
+    with pytest.raises(ConfigError, match='%s=.* is out of range' % (key,)):
+        component.add('executor_pool', {'group_key': 'huge', key: 10 ** 400})
+
+
 def test_config_error_is_a_value_error_and_a_blackgate_error():
     error = raise_config_error_from('add_command', 'timeout', -1.0)
     assert isinstance(error, ValueError)
