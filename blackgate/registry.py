@@ -424,9 +424,11 @@ def _check_same_key(owner: str, settings: CommandSettings, other_owner: str,
 
 
 def _call_listener(method: Callable[..., Any], *args: Any) -> None:
+    # Whatever a listener raises, a BaseException too (CancelledError, SystemExit, ...), stays
+    # here: escaping, it would break the command that called it or leave a future pending.
     try:
         method(*args)
-    except Exception:
+    except BaseException:
         log.exception('blackgate listener %r raised; ignored', method)
 
 

@@ -434,11 +434,14 @@ class Recorder:
 
 
 class Raising:
+    def __init__(self, kind=RuntimeError):
+        self.kind = kind
+
     def on_event(self, command_key, event):
-        raise RuntimeError('listener bug in on_event')
+        raise self.kind('listener bug in on_event')
 
     def on_state_change(self, command_key, old, new):
-        raise RuntimeError('listener bug in on_state_change')
+        raise self.kind('listener bug in on_state_change')
 
 
 class Flaky(FailsOnDemand):
@@ -447,13 +450,16 @@ class Flaky(FailsOnDemand):
     metrics_health_snapshot_interval = 0
 
 
+@pytest.mark.parametrize('kind', [RuntimeError, asyncio.CancelledError, KeyboardInterrupt,
+                                  SystemExit, GeneratorExit])
 @pytest.mark.parametrize('driver', ['execute', 'queue'])
 def test_listeners_that_raise_break_nothing_and_the_others_hear_everything(clock, caplog,
-                                                                            driver):
+                                                                            driver, kind):
+    """A BaseException from a listener too: it escaped execute() and left queue() pending."""
     caplog.set_level(logging.INFO, logger='blackgate')
     before, after = Recorder(), Recorder()
     component.add_listener(before)
-    component.add_listener(Raising())
+    component.add_listener(Raising(kind))
     component.add_listener(after)
     answers = [_answer(Flaky(fail), driver) for fail in (True, True, False)]
     clock.advance(5.0)
@@ -469,7 +475,7 @@ def test_listeners_that_raise_break_nothing_and_the_others_hear_everything(clock
     expected_moves = [('flaky', C, O), ('flaky', O, H), ('flaky', H, C)]
     assert before.transitions == after.transitions == expected_moves
     broken = [r for r in caplog.records if r.name == 'blackgate' and r.exc_info
-              and isinstance(r.exc_info[1], RuntimeError)]
+              and isinstance(r.exc_info[1], kind)]
     assert len(broken) == len(expected_events) + len(expected_moves)   # each logged, once
     assert all(r.levelno >= logging.ERROR for r in broken)
 
