@@ -13,7 +13,7 @@ from .events import BreakerState, Event, FailureType
 from .proxy import HTTPProxy, HTTPProxyCommand
 from .registry import Component, component
 
-__version__ = '0.2.0.dev0'
+__version__ = '1.0.0.dev0'
 
 # A library logs; the application decides where records go (and nothing reaches
 # stderr through logging.lastResort when it has not configured logging).

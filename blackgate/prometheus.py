@@ -1,6 +1,6 @@
 """Blackgate's metrics for Prometheus: a ``prometheus_client`` collector.
 
-Needs the ``prometheus`` extra (``pip install blackgate[prometheus]``)::
+Needs the ``prometheus`` extra (``pip install -e '.[prometheus]'`` in a checkout)::
 
     from prometheus_client import REGISTRY
     from blackgate.prometheus import BlackgateCollector
@@ -59,7 +59,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides the package
     raise ImportError(
         'blackgate.prometheus needs the prometheus_client package: '
-        'pip install blackgate[prometheus]') from exc
+        "pip install -e '.[prometheus]' in the Blackgate checkout (the package index's "
+        "'blackgate' is another project)") from exc
 
 from .events import BreakerState, Event
 from .registry import Component, component

@@ -5,7 +5,7 @@ a dependency through a ``Command``, Prometheus' ``/metrics``, and Blackgate's
 dashboard; sends it some traffic, prints what Prometheus would scrape, and
 exits, or with ``--serve`` keeps serving until Ctrl-C::
 
-    pip install blackgate[prometheus]
+    pip install -e '.[prometheus]'                 # in the checkout, never by name
     python examples/prometheus_metrics.py            # one scrape, printed
     python examples/prometheus_metrics.py --serve    # then scrape the URL it prints
 

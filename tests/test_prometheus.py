@@ -218,7 +218,7 @@ def test_without_prometheus_client_the_import_error_says_what_to_install(monkeyp
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, 'prometheus_client', None)
     monkeypatch.setitem(sys.modules, 'prometheus_client.core', None)
-    with pytest.raises(ImportError, match=r'pip install blackgate\[prometheus\]'):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[prometheus\]'"):
         importlib.import_module('blackgate.prometheus')
 
 
