@@ -57,6 +57,8 @@ _QUIET_PRIMARY = frozenset((SHORT_CIRCUITED, THREAD_POOL_REJECTED,
 _BUILT_CAUSE = frozenset((SHORT_CIRCUITED, SEMAPHORE_REJECTED, TIMEOUT))
 # primary event -> the events of an execution whose fallback then returned
 _FELL_BACK = {event: (event, FALLBACK_SUCCESS) for event in Event}
+# primary event -> what `events` reads while the fallback runs, so fallback() can see why
+_PRIMARY = {event: (event,) for event in Event}
 
 
 class _Runtime:
@@ -414,12 +416,22 @@ class Command:
         failed.__cause__ = error
         return (event, FALLBACK_FAILURE), failed
 
+    def _bg_before_fallback(self, rt: _Runtime, event: Event,
+                            error: Optional[BaseException]) -> None:
+        # What fallback() may read (Hystrix's getExecutionException()): the primary event,
+        # and the cause (built from the event on first read when `error` is None).
+        self._bg_events = _PRIMARY[event]
+        self._bg_rt = rt
+        if error is not None:
+            self._bg_exception = error
+
     def _bg_fail_sync(self, rt: _Runtime, token: int, event: Event, start: float,
                       elapsed: Optional[float], error: Optional[BaseException] = None) -> Any:
         # `error` is what run() raised; None means the cause is built from `event`,
         # and only when somebody needs it.
         permits = rt.state.fallback_permits
         if rt.has_fallback and permits.try_acquire():
+            self._bg_before_fallback(rt, event, error)
             try:
                 value = self.fallback()
             except BaseException as exc:   # counted even if it is KeyboardInterrupt
@@ -447,6 +459,7 @@ class Command:
             denied.__cause__ = cause
             self._bg_resolve(rt, events, denied, elapsed, cause)
             return
+        self._bg_before_fallback(rt, event, error)
         try:
             value = self.fallback()
         except BaseException as exc:   # the future must resolve whatever the fallback raised

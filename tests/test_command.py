@@ -1164,3 +1164,99 @@ def test_nothing_is_printed_when_the_application_has_not_configured_logging():
                           cwd=repo, timeout=30)
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ('', '')
+
+
+# -- fallback() sees why it runs (issue 18, point 3) ------------------------------------------
+
+class Introspective(Command):
+    """fallback() records what the instance tells of the execution while it runs."""
+    command_key = 'introspective'
+    timeout = 0.5
+
+    def __init__(self, how):
+        self.how = how
+
+    def run(self):
+        raise ConnectionError('upstream down')
+
+    def _record(self):
+        self.seen = {'events': self.events, 'cause': self.execution_exception,
+                     'failed': self.is_failed_execution,
+                     'short_circuited': self.is_response_short_circuited,
+                     'rejected': self.is_response_rejected,
+                     'timed_out': self.is_response_timed_out}
+
+    def fallback(self):
+        self._record()
+        return 'stale'
+
+
+class AsyncRunIntrospective(Introspective):
+    command_key = 'introspective_async_run'
+    max_concurrent_requests = 0   # every call is SEMAPHORE_REJECTED
+
+    async def run(self):
+        raise ConnectionError('upstream down')
+
+
+class AsyncFallbackIntrospective(Introspective):
+    async def fallback(self):
+        await asyncio.sleep(0)   # still readable after the fallback awaited
+        self._record()
+        return 'stale'
+
+
+class NeverAnswers(Introspective):
+    command_key = 'never_answers'
+
+    async def run(self):
+        await asyncio.Event().wait()
+
+
+def _queued(cmd, clock=None):
+    async def scenario():
+        future = cmd.queue()
+        if clock is not None:
+            await asyncio.sleep(0)
+            clock.advance(cmd.timeout)
+        return await future
+    return asyncio.run(asyncio.wait_for(scenario(), WAIT))
+
+
+@pytest.mark.parametrize('cls, driver', [(Introspective, 'execute'), (Introspective, 'queue'),
+                                         (AsyncFallbackIntrospective, 'queue')])
+def test_fallback_sees_the_failure_and_the_exception_run_raised(cls, driver):
+    cmd = cls('fail')
+    assert (cmd.execute() if driver == 'execute' else _queued(cmd)) == 'stale'
+    assert cmd.seen['events'] == (Event.FAILURE,)
+    assert isinstance(cmd.seen['cause'], ConnectionError)
+    assert cmd.seen['cause'] is cmd.execution_exception
+    assert cmd.seen['failed'] is True
+
+
+@pytest.mark.parametrize('driver', ['execute', 'queue'])
+def test_fallback_sees_the_short_circuit_and_its_cause(driver):
+    component.add('command', {'command_key': 'introspective', 'circuit_breaker_force_open': True})
+    component.install()
+    cmd = Introspective('fail')
+    assert (cmd.execute() if driver == 'execute' else _queued(cmd)) == 'stale'
+    assert cmd.seen['events'] == (Event.SHORT_CIRCUITED,)
+    assert cmd.seen['short_circuited'] is True
+    assert 'forced open' in str(cmd.seen['cause'])
+    assert cmd.seen['cause'] is cmd.execution_exception
+
+
+def test_fallback_sees_the_semaphore_rejection():
+    cmd = AsyncRunIntrospective('fail')
+    assert _queued(cmd) == 'stale'
+    assert cmd.seen['events'] == (Event.SEMAPHORE_REJECTED,)
+    assert cmd.seen['rejected'] is True
+    assert 'max_concurrent_requests' in str(cmd.seen['cause'])
+
+
+def test_fallback_sees_the_timeout(clock):
+    cmd = NeverAnswers('hang')
+    assert _queued(cmd, clock) == 'stale'
+    assert cmd.seen['events'] == (Event.TIMEOUT,)
+    assert cmd.seen['timed_out'] is True
+    assert isinstance(cmd.seen['cause'], TimeoutError)
