@@ -19,6 +19,7 @@ import asyncio
 import inspect
 import logging
 import sys
+import types
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .breaker import DENY, TRIAL
@@ -35,6 +36,7 @@ log = logging.getLogger('blackgate')
 
 _get_running_loop = asyncio._get_running_loop   # public in asyncio.events.__all__; cheap, no raise
 _EAGER = sys.version_info >= (3, 12)
+_COROUTINE = types.CoroutineType
 
 # Module constants: reading Event.X goes through the enum's metaclass (50 ns on 3.11).
 SUCCESS = Event.SUCCESS
@@ -149,6 +151,7 @@ class Command:
     _bg_exception: Optional[BaseException] = None
     _bg_execution_time: Optional[float] = None
     _bg_decided = False
+    _bg_rt: Optional[_Runtime] = None   # set by queue() and by the record step
 
     _bg_explicit_key = False
 
@@ -421,7 +424,6 @@ class Command:
         # What fallback() may read (Hystrix's getExecutionException()): the primary event,
         # and the cause (built from the event on first read when `error` is None).
         self._bg_events = _PRIMARY[event]
-        self._bg_rt = rt
         if error is not None:
             self._bg_exception = error
 
@@ -431,9 +433,18 @@ class Command:
         # and only when somebody needs it.
         permits = rt.state.fallback_permits
         if rt.has_fallback and permits.try_acquire():
-            self._bg_before_fallback(rt, event, error)
+            # what fallback() may read of why it runs (inline: this is the forced-open path)
+            self._bg_events = _PRIMARY[event]
+            if error is not None:
+                self._bg_exception = error
             try:
                 value = self.fallback()
+                if type(value) is _COROUTINE:   # from a plain def: nothing here can await it
+                    value.close()
+                    raise TypeError(
+                        '%s.fallback() returned a coroutine, which execute() cannot await; make '
+                        'fallback() return its value, or use `await cmd.queue()`'
+                        % (type(self).__name__,))
             except BaseException as exc:   # counted even if it is KeyboardInterrupt
                 permits.release()
                 cause = _cause(rt, event, error)
@@ -470,7 +481,7 @@ class Command:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return
-        if not rt.fallback_is_async:
+        if not rt.fallback_is_async and type(value) is not _COROUTINE:
             permits.release()
             self._bg_resolve(rt, _FELL_BACK[event], None, elapsed, error, value)
             return
@@ -580,8 +591,9 @@ class Command:
         if cause is None and self._bg_events and self._bg_events[0] in _BUILT_CAUSE:
             # Built on first read (nobody reads most short-circuits' causes); setdefault
             # makes two threads reading at once agree on one object.
-            cause = self.__dict__.setdefault('_bg_exception',
-                                             _cause(self._bg_rt, self._bg_events[0]))
+            # (read inside an execute() fallback, before the record step set _bg_rt)
+            rt = self._bg_rt or _runtime(type(self))
+            cause = self.__dict__.setdefault('_bg_exception', _cause(rt, self._bg_events[0]))
         return cause
 
     @property

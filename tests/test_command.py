@@ -7,6 +7,7 @@ every wait on a thread is bounded by ``WAIT``. The commands that test_queue.py
 uses too (``Held``, ``Tiny`` and their variants) come from support.py.
 """
 import asyncio
+import gc
 import logging
 import pathlib
 import subprocess
@@ -1260,3 +1261,41 @@ def test_fallback_sees_the_timeout(clock):
     assert cmd.seen['events'] == (Event.TIMEOUT,)
     assert cmd.seen['timed_out'] is True
     assert isinstance(cmd.seen['cause'], TimeoutError)
+
+
+# -- a plain fallback() that returns a coroutine (issue 18, point 9) --------------------------
+
+class CoroutineFallback(Command):
+    """fallback() is a plain def that hands back a coroutine (forgot the async, or a helper)."""
+    command_key = 'coroutine_fallback'
+
+    def run(self):
+        raise ConnectionError('upstream down')
+
+    async def _stale(self):
+        await asyncio.sleep(0)
+        return 'stale'
+
+    def fallback(self):
+        return self._stale()
+
+
+def test_execute_refuses_a_coroutine_from_a_plain_fallback_clearly(recwarn):
+    cmd = CoroutineFallback()
+    with pytest.raises(CommandError) as caught:
+        cmd.execute()
+    assert cmd.events == (Event.FAILURE, Event.FALLBACK_FAILURE)
+    assert 'returned a coroutine' in str(caught.value.fallback_exception)
+    assert 'queue()' in str(caught.value.fallback_exception)
+    del cmd, caught
+    gc.collect()
+    assert not [w for w in recwarn.list if 'was never awaited' in str(w.message)]
+
+
+def test_queue_awaits_a_coroutine_from_a_plain_fallback():
+    async def scenario():
+        cmd = CoroutineFallback()
+        return cmd, await cmd.queue()
+    cmd, result = asyncio.run(asyncio.wait_for(scenario(), WAIT))
+    assert result == 'stale'
+    assert cmd.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
