@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from .breaker import DENY, TRIAL
 from .clock import TimeoutError as _WaitTimeout
-from .config import COMMAND_DEFAULTS, CommandSettings, check_value
+from .config import COMMAND_DEFAULTS, CommandSettings, check_class_attributes, check_value
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
@@ -157,6 +157,7 @@ class Command:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        check_class_attributes('command class %s' % (cls.__qualname__,), vars(cls))
         if 'command_key' in vars(cls):
             cls._bg_explicit_key = True
         elif not cls._bg_explicit_key:
