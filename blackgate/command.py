@@ -151,7 +151,8 @@ class Command:
     _bg_exception: Optional[BaseException] = None
     _bg_execution_time: Optional[float] = None
     _bg_decided = False
-    _bg_rt: Optional[_Runtime] = None   # set by queue() and by the record step
+    # set by queue() and by the record step; None only before an execute() records
+    _bg_rt: _Runtime = None  # type: ignore[assignment]
 
     _bg_explicit_key = False
 
