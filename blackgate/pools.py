@@ -20,6 +20,7 @@ import threading
 from typing import Any, Callable, List, Optional
 
 from .config import PoolSettings
+from .workers import Workers
 
 __all__ = ('ExecutorPool', 'Permits')
 
@@ -84,8 +85,8 @@ class ExecutorPool:
         #: work that may wait for a worker before more is rejected
         self.max_queue_size = settings.max_queue_size
         self._capacity = settings.max_workers + settings.max_queue_size
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
+        # Daemon threads that run work in its submitter's context (see workers.py).
+        self._executor = Workers(settings.max_workers, 'blackgate-%s' % (settings.group_key,))
         self._lock = threading.Lock()   # only for the rare updates below, never per call
         # One slot per admitted, unfinished run, taken and given back without a lock.
         slots = self._slots = Permits(self._capacity)
@@ -162,10 +163,14 @@ class ExecutorPool:
         """The most workers ever busy at once."""
         return min(self._largest, self.max_workers)
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Refuse new work; with ``wait``, return when running and queued work has finished."""
+    def shutdown(self, wait: bool = True, timeout: Optional[float] = None) -> List[str]:
+        """Refuse new work; with ``wait``, return when running and queued work has finished.
+
+        With a ``timeout`` (seconds), return after it at the latest. Returns the
+        workers still busy (``'thread name: what it runs'``), empty when all finished.
+        """
         self.is_shut_down = True
-        self._executor.shutdown(wait=wait)
+        return self._executor.shutdown(wait=wait, timeout=timeout)
 
     def __repr__(self) -> str:
         return '<ExecutorPool %s %d/%d active, %d/%d queued>' % (

@@ -213,8 +213,8 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
                      sample['propertyValue_metricsRollingStatisticalWindowInMilliseconds'])
     in_flight = pool.in_flight
     completed = pool.completed_count
-    # A ThreadPoolExecutor starts a thread only when no idle one is left, and never
-    # stops it: its threads are as many as the most work it ever had at once.
+    # A pool's Workers start a thread only when no idle one is left, and never stop
+    # one: its threads are as many as the most work it ever had at once.
     threads = pool.largest_active_count
     return {
         'type': 'HystrixThreadPool',

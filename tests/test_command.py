@@ -7,6 +7,7 @@ every wait on a thread is bounded by ``WAIT``. The commands that test_queue.py
 uses too (``Held``, ``Tiny`` and their variants) come from support.py.
 """
 import asyncio
+import contextvars
 import gc
 import logging
 import pathlib
@@ -1299,3 +1300,48 @@ def test_queue_awaits_a_coroutine_from_a_plain_fallback():
     cmd, result = asyncio.run(asyncio.wait_for(scenario(), WAIT))
     assert result == 'stale'
     assert cmd.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+
+
+# -- run() sees the caller's contextvars (issue 18, point 6) ----------------------------------
+
+REQUEST_ID = contextvars.ContextVar('request_id', default=None)
+
+
+class ReadsContext(Command):
+    """run() answers the caller's request id, then sets its own (which must not leak)."""
+    command_key = 'reads_context'
+
+    def run(self):
+        seen = REQUEST_ID.get()
+        REQUEST_ID.set('set-by-run')
+        return seen
+
+
+class AsyncReadsContext(ReadsContext):
+    command_key = 'async_reads_context'
+
+    async def run(self):
+        return ReadsContext.run(self)
+
+
+def _in_context(request_id, driver, cls=ReadsContext):
+    """Call ``cls`` with REQUEST_ID set to ``request_id``, in a context of its own."""
+    def call():
+        REQUEST_ID.set(request_id)
+        if driver == 'execute':
+            result = cls().execute()
+        else:
+            async def queued():
+                return await cls().queue()
+            result = asyncio.run(asyncio.wait_for(queued(), WAIT))
+        assert REQUEST_ID.get() == request_id   # what run() set stayed in its copy
+        return result
+    return contextvars.Context().run(call)
+
+
+@pytest.mark.parametrize('cls, driver', [(ReadsContext, 'execute'), (ReadsContext, 'queue'),
+                                         (AsyncReadsContext, 'queue')])
+def test_run_sees_the_contextvars_its_caller_set(cls, driver):
+    add_pool('default', 1)   # one worker: every call runs on the same thread
+    assert [_in_context(request_id, driver, cls) for request_id in ('a', 'b', None)] == \
+        ['a', 'b', None]
