@@ -629,6 +629,8 @@ def _cause(rt: _Runtime, event: Event, raised: Optional[BaseException] = None
         return ShortCircuited('%s: circuit breaker is open' % (key,))
     if event is THREAD_POOL_REJECTED:
         pool = rt.pool
+        while pool.successor is not None:   # replaced by install(): the one that refused
+            pool = pool.successor
         if pool.is_shut_down:
             return Rejected('%s: executor pool %r is shut down' % (key, pool.group_key))
         return Rejected('%s: executor pool %r is full (%d workers busy, %d of %d queue slots '

@@ -102,8 +102,10 @@ class ExecutorPool:
 
         self._release = release
         self._largest = 0
-        #: True once shutdown() was called: every submission is refused
+        #: True once shutdown() was called: every submission is refused (or passed on)
         self.is_shut_down = False
+        #: the pool that replaced this one (see :meth:`retire`), or None
+        self.successor: Optional['ExecutorPool'] = None
 
     def try_submit(self, fn: Callable[..., Any], *args: Any
                    ) -> Optional[concurrent.futures.Future]:
@@ -116,6 +118,8 @@ class ExecutorPool:
 
         Two callers racing for the last slot may both be refused, never both admitted.
         """
+        if self.successor is not None:   # replaced by install(): the new pool decides
+            return self.successor.try_submit(fn, *args)
         slots = self._slots
         if not slots.try_acquire():
             return None
@@ -126,7 +130,10 @@ class ExecutorPool:
                     self._largest = admitted
         try:
             return self._executor.submit(fn, self._release, *args)
-        except RuntimeError:  # shut down: refuse like a full pool
+        except RuntimeError:  # shut down: refuse like a full pool, unless replaced meanwhile
+            if self.successor is not None:
+                slots.release()
+                return self.successor.try_submit(fn, *args)
             slots.release_refused()
             return None
 
@@ -162,6 +169,16 @@ class ExecutorPool:
     def largest_active_count(self) -> int:
         """The most workers ever busy at once."""
         return min(self._largest, self.max_workers)
+
+    def retire(self, successor: 'ExecutorPool') -> None:
+        """Hand new work to ``successor`` from now on; finish what was admitted, then stop.
+
+        ``install()`` replaces a pool this way when its settings change, so that a
+        call that still holds this pool is never refused for it (its work goes to
+        ``successor``), while the work it already runs drains on its own threads.
+        """
+        self.successor = successor   # first: a submission refused from here on is passed on
+        self.shutdown(wait=False)
 
     def shutdown(self, wait: bool = True, timeout: Optional[float] = None) -> List[str]:
         """Refuse new work; with ``wait``, return when running and queued work has finished.

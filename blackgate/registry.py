@@ -420,7 +420,7 @@ class Component:
             return old
         pool = self._pools[settings.group_key] = ExecutorPool(settings)
         if old is not None:
-            old.shutdown(wait=False)
+            old.retire(pool)   # calls still holding it are passed on; its work drains
         return pool
 
     def __repr__(self) -> str:
