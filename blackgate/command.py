@@ -28,6 +28,7 @@ from .config import COMMAND_DEFAULTS, CommandSettings, check_class_attributes, c
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
+from .logs import BUG_ATTRIBUTE, PROGRAMMING_ERRORS
 from .registry import component
 
 __all__ = ('Command',)
@@ -659,6 +660,10 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
     if error is not None and error.fallback_exception is not None:
         fallback_error = error.fallback_exception
         outcome += ' (%s: %s)' % (type(fallback_error).__name__, fallback_error)
+    # A bug in run() is marked, so that a program that configured no logging still sees it
+    # once per command key (blackgate/logs.py); configured logging is not affected.
+    extra = ({BUG_ATTRIBUTE: rt.command_key}
+             if primary is FAILURE and isinstance(cause, PROGRAMMING_ERRORS) else None)
     log.log(level, '%s %s: %s -> %s', rt.command_key, primary.value,
             '%s: %s' % (type(cause).__name__, cause) if cause is not None else '-',
-            outcome, exc_info=exc_info)
+            outcome, exc_info=exc_info, extra=extra)

@@ -1345,3 +1345,64 @@ def test_run_sees_the_contextvars_its_caller_set(cls, driver):
     add_pool('default', 1)   # one worker: every call runs on the same thread
     assert [_in_context(request_id, driver, cls) for request_id in ('a', 'b', None)] == \
         ['a', 'b', None]
+
+
+# -- a bug in run() is seen even with no logging configured (issue 18, point 2) ---------------
+
+BUGGY_PROGRAM = textwrap.dedent('''
+    import asyncio, logging, sys
+    from blackgate import Command
+
+    if 'configured' in sys.argv:
+        logging.basicConfig(format='configured: %(message)s')
+
+    class GetUser(Command):
+        def run(self):
+            if 'dependency' in sys.argv:
+                raise ConnectionError('session service refused the connection')
+            return undefined_name
+
+        def fallback(self):
+            return None
+
+    class GetCart(GetUser):
+        async def run(self):
+            return GetUser.run(self)
+
+    async def queued():
+        return await GetCart().queue()
+
+    answers = [GetUser().execute(), GetUser().execute(), asyncio.run(queued())]
+    print(answers)
+''')
+
+
+def run_program(tmp_path, *args):
+    program = tmp_path / 'buggy.py'
+    program.write_text(BUGGY_PROGRAM)
+    result = subprocess.run([sys.executable, str(program)] + list(args),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[None, None, None]'   # the fallback answered every call
+    return result.stderr
+
+
+def test_a_bug_in_run_reaches_stderr_once_per_command_key_when_nothing_configured_logging(
+        tmp_path):
+    stderr = run_program(tmp_path)
+    assert stderr.count("NameError: name 'undefined_name' is not defined") == 4   # 2 x (line + tb)
+    assert stderr.count('GetUser FAILURE: NameError') == 1
+    assert stderr.count('GetCart FAILURE: NameError') == 1
+    assert 'configured no logging' in stderr
+    assert stderr.count('Traceback') == 2 and 'return undefined_name' in stderr
+
+
+def test_a_dependency_failure_stays_quiet_when_nothing_configured_logging(tmp_path):
+    assert run_program(tmp_path, 'dependency') == ''
+
+
+def test_configured_logging_gets_every_failure_once_and_nothing_more(tmp_path):
+    stderr = run_program(tmp_path, 'configured')
+    lines = [line for line in stderr.splitlines() if line.startswith('configured: ')]
+    assert len(lines) == 3 and all('FAILURE: NameError' in line for line in lines)
+    assert 'configured no logging' not in stderr
