@@ -257,8 +257,11 @@ def check_class_attributes(owner: str, attributes: Mapping[str, Any]) -> None:
 
 def _require_mapping(owner: str, value: Any, example: str) -> None:
     if not isinstance(value, Mapping):
-        raise ConfigError('%s: expected a dict, got %s %r; write it as %s'
-                          % (owner, type(value).__name__, value, example))
+        shown = repr(value)
+        if isinstance(value, (set, frozenset)):   # in a stable order, not the hashes' order
+            shown = '{%s}' % (', '.join(sorted(map(repr, value))),)
+        raise ConfigError('%s: expected a dict, got %s %s; write it as %s'
+                          % (owner, type(value).__name__, shown, example))
 
 
 def check_command_mapping(owner: str, value: Any, *, needs_key: bool) -> Dict[str, Any]:
