@@ -57,8 +57,10 @@ setup(
             # removed; venvs of Python 3.12+ get the newest setuptools.
             'setuptools<82',
             'prometheus-client',   # tests/test_prometheus.py
+            'opentelemetry-sdk',   # tests/test_tracing.py (its in-memory span exporter)
         ],
         'prometheus': ['prometheus-client>=0.9'],
+        'otel': ['opentelemetry-api'],
         'redis': ['redis'],
         'docs': ['sphinx'],
     },

@@ -26,7 +26,7 @@ class Plan:
     #: gateway: rounds, seconds of load per gateway per round, connections
     proxy_rounds: int
     proxy_seconds: float
-    proxy_connections: int = 20
+    proxy_connections: int = 32
     #: 'auto': wrk if installed, else the Python load generator; 'python': always the latter
     proxy_load: str = 'auto'
 

@@ -31,7 +31,7 @@ from .events import FAILURE_TYPE_OF, Event, FailureType
 from .logs import BUG_ATTRIBUTE, PROGRAMMING_ERRORS
 from .registry import component
 
-__all__ = ('Command',)
+__all__ = ('Command', 'DeferredOutcome')
 
 log = logging.getLogger('blackgate')
 
@@ -53,6 +53,7 @@ FALLBACK_MISSING = Event.FALLBACK_MISSING
 FALLBACK_REJECTION = Event.FALLBACK_REJECTION
 _SUCCESS_ONLY = (SUCCESS,)
 _BAD_REQUEST_ONLY = (BAD_REQUEST,)
+_FAILED_LATE = (FAILURE,)   # after the caller had its answer: no fallback can run
 _QUIET_PRIMARY = frozenset((SHORT_CIRCUITED, THREAD_POOL_REJECTED,
                             SEMAPHORE_REJECTED))
 # the events whose cause is built from the runtime when first read (a rejection's is
@@ -69,14 +70,15 @@ class _Runtime:
 
     __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'component', 'store')
+                 'group_admission', 'component', 'store')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
         check_value('command class %s' % (cls.__qualname__,), 'command_key', command_key)
         run_is_async = inspect.iscoroutinefunction(cls.run)
+        group_admission = run_is_async and bool(cls.group_admission)
         settings, state, pool = registry.resolve(cls, command_key, _class_values(cls),
-                                                 needs_pool=not run_is_async)
+                                                 needs_pool=group_admission or not run_is_async)
         self.command_key = command_key
         self.settings: CommandSettings = settings
         self.state = state
@@ -88,6 +90,7 @@ class _Runtime:
         self.run_is_async = run_is_async
         self.fallback_is_async = inspect.iscoroutinefunction(cls.fallback)
         self.needs_loop = run_is_async or self.fallback_is_async   # so queue() only
+        self.group_admission = group_admission
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
         self.store = registry._store   # fleet mode's state store, or None
@@ -145,6 +148,12 @@ class Command:
         COMMAND_DEFAULTS['metrics_health_snapshot_interval']
     max_concurrent_requests: int = COMMAND_DEFAULTS['max_concurrent_requests']
     fallback_max_concurrent_requests: int = COMMAND_DEFAULTS['fallback_max_concurrent_requests']
+    #: An ``async def run()`` normally takes a permit of its command's own semaphore
+    #: (``max_concurrent_requests``). True: it takes a slot of its group's executor pool
+    #: instead, and no thread, so that ``max_workers + max_queue_size`` bound every such
+    #: execution of the group together; a full group is ``THREAD_POOL_REJECTED``.
+    #: :class:`~blackgate.HTTPProxyCommand` sets it: one slot per upstream exchange.
+    group_admission: bool = False
 
     # Per-execution state. Class-level defaults, so that a subclass __init__ that never
     # calls super().__init__() still leaves a usable instance.
@@ -193,6 +202,9 @@ class Command:
             raise BlackgateError(
                 '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
                 % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
+        tracer = rt.component.tracer
+        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
+            return tracer.execute(self)
         self._bg_claim()
         clock = rt.clock
         start = clock.monotonic()
@@ -235,6 +247,9 @@ class Command:
             raise BlackgateError(
                 '%s.queue() needs a running IOLoop on this thread; from a plain thread use '
                 '%s(...).execute()' % (type(self).__name__, type(self).__name__))
+        tracer = component.tracer
+        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
+            return tracer.queue(self)
         self._bg_claim()
         self._bg_rt = rt = _runtime(type(self))
         self._bg_loop = loop
@@ -355,16 +370,25 @@ class Command:
         self._bg_fail_async(rt, TIMEOUT, rt.clock.monotonic() - self._bg_start)
 
     def _bg_start_coroutine(self, rt: _Runtime, loop) -> None:
-        permits = rt.state.run_permits
-        if not permits.try_acquire():
-            self._bg_fail_async(rt, SEMAPHORE_REJECTED, None)
-            return
+        if rt.group_admission:
+            release = rt.pool.try_admit()
+            if release is None:
+                self._bg_fail_async(rt, THREAD_POOL_REJECTED, None,
+                                    _cause(rt, THREAD_POOL_REJECTED))
+                return
+        else:
+            permits = rt.state.run_permits
+            if not permits.try_acquire():
+                self._bg_fail_async(rt, SEMAPHORE_REJECTED, None)
+                return
+            release = permits.release
+        self._bg_release = release
         rt.metrics.execution_started()
         self._bg_run_started = rt.clock.monotonic()
         try:
             coroutine = self.run()
         except BaseException:
-            permits.release()
+            release()
             rt.metrics.execution_finished()
             raise
         if _EAGER:   # run() starts now, and one that needs no I/O is settled with no loop pass
@@ -375,7 +399,8 @@ class Command:
         if task.done():
             return
         self._bg_task = task
-        if rt.timeout is not None:
+        if rt.timeout is not None and '_bg_timer' not in self.__dict__:
+            # (unless run() already paused or restarted it, in its first step)
             remaining = rt.timeout - (rt.clock.monotonic() - self._bg_start)
             self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
 
@@ -385,7 +410,13 @@ class Command:
             value, error = await coroutine, None
         except BaseException as exc:   # cancelled by our timeout, or anything run() raised
             value, error = None, exc
-        rt.state.run_permits.release()
+        later = self.__dict__.get('_bg_later')
+        if later is not None:
+            if error is None and not self._bg_decided:
+                self._bg_hand_over_later(rt, later, value)
+                return
+            later._void()   # run() failed or timed out after all: counted as usual
+        self._bg_release()
         rt.metrics.execution_finished()
         if not self._bg_decided:
             self._bg_decided = True
@@ -395,6 +426,88 @@ class Command:
             self._bg_settle_async(rt, value, error, rt.clock.monotonic() - self._bg_run_started)
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise error
+
+    def _bg_hand_over_later(self, rt: _Runtime, later: 'DeferredOutcome', value: Any) -> None:
+        """run() returned, but its execution goes on: answer now, count when it ends."""
+        self._bg_decided = True
+        timer = self.__dict__.get('_bg_timer')
+        if timer is not None:
+            timer.cancel()
+        elapsed = rt.clock.monotonic() - self._bg_run_started
+        if self._bg_token == TRIAL:
+            # A trial is judged by what run() returned: the breaker must not stay half-open
+            # for as long as an event stream lasts.
+            self._bg_finish(rt, TRIAL, _SUCCESS_ONLY, self._bg_start, elapsed, None)
+            later._arm(self, elapsed, counted=True)
+        else:
+            later._arm(self, elapsed, counted=False)
+        future = self._bg_future
+        if not future.cancelled():
+            future.set_result(value)
+
+    def _bg_ended_later(self, elapsed: float, error: Optional[BaseException],
+                        counted: bool) -> None:
+        """On the IOLoop: the execution that outlived run() ended; free it and count it."""
+        rt = self._bg_rt
+        self._bg_release()
+        rt.metrics.execution_finished()
+        if counted:
+            return
+        if error is None:
+            self._bg_finish(rt, self._bg_token, _SUCCESS_ONLY, self._bg_start, elapsed, None)
+        else:
+            self._bg_finish(rt, self._bg_token, _FAILED_LATE, self._bg_start, elapsed, error)
+
+    # -- what an async def run() may ask of the pipeline -----------------------------
+
+    def defer_outcome(self) -> 'DeferredOutcome':
+        """From inside an ``async def run()``: the execution goes on after ``run()`` returns.
+
+        The caller gets ``run()``'s result at once, but the permit (or pool slot)
+        stays taken, and the outcome is counted, when the returned
+        :class:`DeferredOutcome` is settled: ``success()`` counts ``SUCCESS``,
+        ``failure(exc)`` a ``FAILURE`` (no fallback runs: the caller already has its
+        answer). Settle it exactly once, on the IOLoop, whatever happens; if ``run()``
+        raises or times out instead, the handle is void and settling it does nothing.
+        :class:`~blackgate.HTTPProxyCommand` uses it for a response body that is
+        still streaming when its head arrived.
+        """
+        self._bg_check_async_run('defer_outcome')
+        later = self.__dict__.get('_bg_later')
+        if later is None:
+            later = self._bg_later = DeferredOutcome()
+        return later
+
+    def refresh_timeout(self) -> None:
+        """From inside an ``async def run()``: start the command's ``timeout`` again from now.
+
+        For work whose progress shows (a request body streaming upstream), so that
+        the timeout bounds a silence rather than the whole transfer.
+        """
+        self._bg_check_async_run('refresh_timeout')
+        self.pause_timeout()
+        rt = self._bg_rt
+        if rt.timeout is not None and not self._bg_decided:
+            self._bg_timer = rt.clock.call_later(self._bg_loop, rt.timeout, self._bg_timed_out)
+
+    def pause_timeout(self) -> None:
+        """From inside an ``async def run()``: stop the timeout until :meth:`refresh_timeout`.
+
+        For waits that are not the dependency's (the client sending the next part
+        of a request body).
+        """
+        self._bg_check_async_run('pause_timeout')
+        timer = self.__dict__.get('_bg_timer')
+        if timer is not None:
+            timer.cancel()
+        self._bg_timer = None
+
+    def _bg_check_async_run(self, name: str) -> None:
+        rt = self.__dict__.get('_bg_rt')
+        if rt is None or not rt.run_is_async or '_bg_run_started' not in self.__dict__:
+            raise BlackgateError('%s.%s() may only be called from inside its own async def '
+                                 'run(), while it runs under queue()' % (type(self).__name__,
+                                                                           name))
 
     # -- fallback --------------------------------------------------------------------
     #
@@ -667,3 +780,59 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
     log.log(level, '%s %s: %s -> %s', rt.command_key, primary.value,
             '%s: %s' % (type(cause).__name__, cause) if cause is not None else '-',
             outcome, exc_info=exc_info, extra=extra)
+
+
+class DeferredOutcome:
+    """The end of an execution that outlives its ``run()``: see :meth:`Command.defer_outcome`.
+
+    Settle it once, on the IOLoop thread: :meth:`success` or :meth:`failure`.
+    Settling it before ``run()`` returns is allowed (the outcome is then counted
+    as soon as it does); a second settle, or one after ``run()`` failed, does nothing.
+    """
+
+    __slots__ = ('_command', '_elapsed', '_counted', '_ended', '_error')
+
+    def __init__(self) -> None:
+        self._command: Optional[Command] = None   # set when run() returns
+        self._elapsed = 0.0
+        self._counted = False
+        self._ended = False   # settled (before or after run() returned), or void
+        self._error: Optional[BaseException] = None
+
+    def success(self) -> None:
+        """The execution ended well: count ``SUCCESS`` and free its permit."""
+        self._settle(None)
+
+    def failure(self, error: BaseException) -> None:
+        """The execution failed after its result was handed over: count ``FAILURE``."""
+        self._settle(error)
+
+    @property
+    def settled(self) -> bool:
+        """Whether :meth:`success` or :meth:`failure` was called (or the handle is void)."""
+        return self._ended
+
+    def _settle(self, error: Optional[BaseException]) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._error = error
+        command = self._command
+        if command is not None:
+            self._command = None
+            command._bg_ended_later(self._elapsed, error, self._counted)
+
+    def _arm(self, command: Command, elapsed: float, counted: bool) -> None:
+        self._elapsed = elapsed
+        self._counted = counted
+        if self._ended:   # settled while run() still ran
+            command._bg_ended_later(elapsed, self._error, counted)
+        else:
+            self._command = command
+
+    def _void(self) -> None:
+        self._ended = True
+        self._command = None
+
+    def __repr__(self) -> str:
+        return '<DeferredOutcome %s>' % ('settled' if self._ended else 'open')

@@ -13,6 +13,12 @@ Latency is kept in logarithmic histograms (16 bins per power of two, so a
 percentile is within 2.2% of the true value), bounded in size whatever the
 traffic.
 
+Besides the window, :meth:`RollingMetrics.cumulative` counts every event and
+latency since the metrics were created, for exporters whose counters must only
+grow (Prometheus): a bucket that leaves the window, or is cleared when the
+breaker closes, is added to a running total first, so that costs nothing per
+execution.
+
 This module knows nothing of circuit breakers: the breaker asks for a
 :meth:`RollingMetrics.health_snapshot` and decides for itself.
 
@@ -21,13 +27,15 @@ This module knows nothing of circuit breakers: the breaker asks for a
    Every method may be called from any thread. The lock guards only the fold
    and the reads; no user code ever runs under it.
 """
+import bisect
 import math
 import threading
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .events import ERROR_EVENTS, Event
 
-__all__ = ('RollingMetrics', 'HealthCounts', 'LatencySummary')
+__all__ = ('RollingMetrics', 'HealthCounts', 'LatencySummary', 'LatencyHistogram',
+           'Cumulative', 'check_bounds')
 
 _EVENTS = tuple(Event)
 _INDEX = {event: i for i, event in enumerate(_EVENTS)}
@@ -62,6 +70,29 @@ class LatencySummary(NamedTuple):
     mean: float
     #: percentile (0 to 100) -> seconds, for each percentile asked for
     percentiles: Dict[float, float]
+
+
+class LatencyHistogram(NamedTuple):
+    """Latencies counted into fixed buckets, for exporters (Prometheus' ``le`` buckets)."""
+
+    #: how many calls were timed
+    measured: int
+    #: their total time, in seconds (from the histogram's bins: within 2.2%)
+    seconds: float
+    #: ``(upper bound in seconds, calls at or under it)`` for each bound, ascending,
+    #: the last bound ``inf``
+    buckets: Tuple[Tuple[float, int], ...]
+
+
+class Cumulative(NamedTuple):
+    """Every event and latency since the metrics were created: see :meth:`RollingMetrics.cumulative`."""
+
+    #: every event's count
+    counts: Dict[Event, int]
+    #: ``run()``'s execution time
+    latency: LatencyHistogram
+    #: the time from call to answer, fallback included
+    total_latency: LatencyHistogram
 
 
 _ZERO_BIN = -(1 << 30)
@@ -102,12 +133,55 @@ class _Bucket:
         self.total: Dict[int, int] = {}
 
 
+def _merge(into: _Bucket, bucket: _Bucket) -> None:
+    counts = into.counts
+    for i, count in enumerate(bucket.counts):
+        counts[i] += count
+    for mine, theirs in ((into.execution, bucket.execution), (into.total, bucket.total)):
+        for key, count in theirs.items():
+            mine[key] = mine.get(key, 0) + count
+
+
+def check_bounds(bounds: Iterable[float]) -> Tuple[float, ...]:
+    """Histogram bucket bounds as floats, or ValueError unless they ascend above 0, finite."""
+    given = tuple(bounds)
+    try:
+        wanted = tuple(float(bound) for bound in given)
+    except (TypeError, ValueError):
+        wanted = (-1.0,)
+    if any(not 0 < bound < math.inf for bound in wanted) \
+            or any(a >= b for a, b in zip(wanted, wanted[1:])):
+        raise ValueError('histogram bounds must be ascending, finite numbers of seconds above '
+                         '0 (an inf bucket is always added), e.g. (0.01, 0.1, 1.0); got %r'
+                         % (given,))
+    return wanted
+
+
+def _histogram(bins: Dict[int, int], bounds: Tuple[float, ...]) -> LatencyHistogram:
+    # A bin goes to the first bound at or above its middle: a call within 2.2% of a
+    # bound may land in the bucket next to its own.
+    under = [0] * (len(bounds) + 1)
+    total = 0.0
+    count = 0
+    for key, n in bins.items():
+        value = _bin_value(key)
+        total += value * n
+        count += n
+        under[bisect.bisect_left(bounds, value)] += n
+    buckets = []
+    seen = 0
+    for bound, n in zip(bounds + (math.inf,), under):
+        seen += n
+        buckets.append((bound, seen))
+    return LatencyHistogram(count, total, tuple(buckets))
+
+
 class RollingMetrics:
     """Rolling counts, latency percentiles and health of one command key."""
 
     __slots__ = ('command_key', 'clock', '_lock', '_ring', '_pending', '_running', '_peak',
                  '_peak_at', '_shape', '_window', '_width', '_interval', '_buckets', '_snapshot',
-                 '_snapshot_due')
+                 '_snapshot_due', '_past')
 
     def __init__(self, command_key: str, window: float, buckets: int,
                  snapshot_interval: float, clock) -> None:
@@ -129,6 +203,8 @@ class RollingMetrics:
         self._buckets = 0
         self._snapshot = _NO_HEALTH
         self._snapshot_due = -math.inf
+        # What left the ring (out of the window, or cleared), summed: made on first use.
+        self._past: Optional[_Bucket] = None
         self.configure(window, buckets, snapshot_interval)
 
     # -- recording (hot path) -------------------------------------------------------
@@ -213,7 +289,8 @@ class RollingMetrics:
                 high = low + width
                 if bucket is not None:
                     executions, totals = bucket.execution, bucket.total
-            if bucket is None:   # older than the window: it no longer counts
+            if bucket is None:   # older than the window: only the running total takes it
+                self._add_to_past(events, execution_time, total_time)
                 continue
             if events is not run_events:
                 if run:
@@ -231,6 +308,27 @@ class RollingMetrics:
         if run:
             _add_counts(bucket, run_events, run)
 
+    def _add_to_past(self, events: Tuple[Event, ...], execution_time: Optional[float],
+                     total_time: float) -> None:
+        past = self._past_bucket()
+        _add_counts(past, events, 1)
+        for bins, seconds in ((past.execution, execution_time), (past.total, total_time)):
+            if seconds is not None:
+                key = int(_log2(seconds) * _BINS_PER_OCTAVE + _KEY_OFFSET) if seconds > 0 \
+                    else _ZERO_BIN
+                bins[key] = bins.get(key, 0) + 1
+
+    def _past_bucket(self) -> _Bucket:
+        past = self._past
+        if past is None:
+            past = self._past = _Bucket(0)
+        return past
+
+    def _retire(self, bucket: _Bucket) -> None:
+        """Add a bucket leaving the ring to the running total (lock held)."""
+        if any(bucket.counts):
+            _merge(self._past_bucket(), bucket)
+
     def _note_concurrency(self, concurrency: int, when: float) -> None:
         bucket = self._bucket(int(when // self._width))
         if bucket is not None and concurrency > bucket.max_concurrent:
@@ -244,7 +342,7 @@ class RollingMetrics:
             ring.append(bucket)
             oldest = index - self._buckets
             while ring[0].index <= oldest:
-                del ring[0]
+                self._retire(ring.pop(0))
             return bucket
         if index <= ring[-1].index - self._buckets:
             return None
@@ -265,11 +363,14 @@ class RollingMetrics:
             shape = (float(window), int(buckets), float(snapshot_interval))
             if shape == self._shape:
                 return
+            if self._shape is not None:   # keep what the old shape counted in the total
+                self._fold(self.clock.monotonic())
+                for bucket in self._ring:
+                    self._retire(bucket)
             self._shape = shape
             self._window, self._buckets, self._interval = shape
             self._width = self._window / self._buckets
             self._ring.clear()
-            del self._pending[:]
             self._peak = 0   # the next fold counts those still running
             self._snapshot = _NO_HEALTH
             self._snapshot_due = -math.inf
@@ -277,10 +378,12 @@ class RollingMetrics:
     def reset(self) -> None:
         """Forget every bucket (the breaker does this when it closes)."""
         with self._lock:
+            # What was recorded before the reset goes with it (into the running total
+            # only); a record racing with it lands after, as if it came just after.
+            self._fold(self.clock.monotonic())
+            for bucket in self._ring:
+                self._retire(bucket)
             self._ring.clear()
-            # What was recorded before the reset goes with it; a record racing with it
-            # lands after, as if it came just after the reset.
-            del self._pending[:len(self._pending)]
             self._peak = 0   # the next fold counts those still running
             self._snapshot = _NO_HEALTH
             self._snapshot_due = -math.inf
@@ -296,7 +399,7 @@ class RollingMetrics:
         oldest = int(now // self._width) - self._buckets
         ring = self._ring
         while ring and ring[0].index <= oldest:
-            del ring[0]
+            self._retire(ring.pop(0))
         return list(ring)
 
     def rolling_count(self, event: Event) -> int:
@@ -389,6 +492,26 @@ class RollingMetrics:
         if not 0 <= percentile <= 100:
             raise ValueError('percentile must be from 0 to 100, got %r' % (percentile,))
         return self._summary(which, (percentile,)).percentiles[percentile]
+
+    def cumulative(self, bounds: Iterable[float] = ()) -> Cumulative:
+        """Every event's count and both latencies since the metrics were created.
+
+        Unlike the rolling window these only grow: neither the window moving on,
+        nor the breaker closing, nor new window settings take anything away.
+
+        :param bounds: the histograms' bucket bounds in seconds, ascending; an ``inf``
+            bucket is always added.
+        """
+        wanted = check_bounds(bounds)
+        everything = _Bucket(0)
+        with self._lock:
+            for bucket in self._live():
+                _merge(everything, bucket)
+            if self._past is not None:
+                _merge(everything, self._past)
+        return Cumulative({event: everything.counts[i] for i, event in enumerate(_EVENTS)},
+                          _histogram(everything.execution, wanted),
+                          _histogram(everything.total, wanted))
 
     @property
     def concurrent_executions(self) -> int:

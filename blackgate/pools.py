@@ -137,10 +137,48 @@ class ExecutorPool:
             slots.release_refused()
             return None
 
+    def try_admit(self) -> Optional[Callable[[], None]]:
+        """Take a slot for work that needs no thread; its ``release``, or None if the pool is full.
+
+        For an ``async def run()`` admitted by its group (``Command.group_admission``,
+        as :class:`~blackgate.HTTPProxyCommand` is): it counts against ``max_workers +
+        max_queue_size`` like a submission, runs on the IOLoop, and calls ``release()``
+        exactly once when it ends.
+        """
+        slots = self._slots
+        if not slots.try_acquire():
+            return None
+        if self.is_shut_down:   # refused like a full pool, as try_submit() does
+            slots.release_refused()
+            return None
+        admitted = slots.in_use
+        if admitted > self._largest:
+            with self._lock:
+                if admitted > self._largest:
+                    self._largest = admitted
+        return self._release
+
     @property
     def rejected_count(self) -> int:
         """Submissions refused since the pool started."""
         return self._slots.rejected
+
+    @property
+    def used(self) -> bool:
+        """Some work was submitted to the pool (admitted or refused) since it started."""
+        return self._largest > 0 or self._slots.rejected > 0
+
+    @property
+    def pool_size(self) -> int:
+        """Worker threads the pool has started, from 0 to ``max_workers``.
+
+        Its executor starts one only when no idle one is left, and keeps it until shutdown.
+        """
+        executor = self._executor
+        count = getattr(executor, 'thread_count', None)
+        if count is None:   # concurrent.futures.ThreadPoolExecutor tells it nowhere public
+            return len(executor._threads)
+        return count
 
     @property
     def in_flight(self) -> int:

@@ -20,51 +20,52 @@ drops hop-by-hop fields both ways, adds ``X-Forwarded-*`` and ``Via``, sends
 the path and query byte for byte, passes the response's status, fields and
 body bytes through unchanged, and answers failures with 502, 503 or 504.
 
+Bodies stream both ways with flow control (:mod:`blackgate.transport` carries
+them, on the IOLoop): memory per exchange is bounded by a chunk, not by the
+body. A small body that arrives whole at once is sent whole, with its length.
+
 .. warning::
 
-   ``run()``, and so ``before_request()`` and ``after_response()``, run on a
-   worker thread of the command's executor pool; the handler and a
-   synchronous ``fallback()`` run on the IOLoop thread. The one
-   ``requests.Session`` (``component.session``) is shared by every worker:
-   use it, do not change it, from those hooks.
+   Everything here runs on the IOLoop thread: the handler, the command's
+   ``run()`` (an ``async def``: no worker thread), and so ``before_request()``,
+   ``after_response()`` and ``fallback()``. Keep those hooks quick and never
+   block in them.
 """
-import http.client
+import asyncio
 import json
 import math
 import re
-import threading
 import urllib.parse
-import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union,
+                    cast)
 
-import requests
 import tornado.httputil
+import tornado.iostream
 import tornado.web
-import urllib3
-import urllib3.connection
-import urllib3.connectionpool
-import urllib3.exceptions
-import urllib3.poolmanager
-from urllib3.util import SKIP_HEADER
 
-from .command import Command
+from . import tracing, transport
+from .command import Command, DeferredOutcome
 from .errors import BadRequest, BlackgateError, CommandError
 from .events import Event, FailureType
 from .registry import component
+from .transport import WireError, WireTimeout
 
 try:
     from urllib3 import HTTPHeaderDict
 except ImportError:  # urllib3 1.26
     from urllib3._collections import HTTPHeaderDict
 
-__all__ = ('HTTPProxy', 'HTTPProxyCommand', 'UpstreamError', 'UpstreamTimeout',
-           'UpstreamServerError')
+__all__ = ('HTTPProxy', 'HTTPProxyCommand', 'UpstreamBody', 'UpstreamError', 'UpstreamTimeout',
+           'UpstreamServerError', 'ClientGone')
 
 #: Fields that describe one connection, not the message (RFC 9110 §7.6.1), and the
 #: proxy credentials meant for this hop only. Dropped both ways, with every field
 #: that a ``Connection`` field names.
 HOP_BY_HOP = ('Connection', 'Keep-Alive', 'Proxy-Connection', 'TE', 'Trailer',
               'Transfer-Encoding', 'Upgrade', 'Proxy-Authorization', 'Proxy-Authenticate')
+
+#: A body up to this size that arrives whole at once is sent whole, with its length.
+BUFFER_SIZE = transport.CHUNK_SIZE
 
 _BODY_METHODS = frozenset(('POST', 'PUT', 'PATCH'))
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -73,10 +74,8 @@ _REJECTED = frozenset((FailureType.SHORTCIRCUIT, FailureType.REJECTED_THREAD_EXE
                        FailureType.REJECTED_SEMAPHORE_FALLBACK))
 _ABSOLUTE_FORM = re.compile(r'[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*')
 _NOT_ASCII = re.compile(r'[^\x00-\x7f]')
-_AUTHORITY_END = re.compile(r'[/?#]')
-_VERBATIM_TARGET = re.compile(r'/[\x21\x22\x24-\x7e]*')   # visible ASCII, no '#'
-_OBS_FOLD = re.compile(r'\r?\n[ \t]*')
 _UNSAFE_IN_FIELD = re.compile(r'[\r\n\x00]')
+_UNLIMITED = 1 << 62
 
 
 def _normalize(name: str) -> str:
@@ -91,12 +90,16 @@ _REQUEST_FIELDS = {_normalize(name): _DROP
 _REQUEST_FIELDS['X-Forwarded-For'] = _FORWARDED_FOR
 # Fields only a trusted peer may set; an edge gateway drops what the client sent.
 _UNTRUSTED_FIELDS = frozenset(('Forwarded', 'X-Real-Ip'))
+# Fields of the request dict that the transport writes itself, from the body's framing.
+_FRAMING_FIELDS = frozenset(('content-length', 'transfer-encoding', 'host'))
 
 # What the response pass does with a field, by lower-case name; the rest are kept.
 _CONNECTION, _LENGTH, _DATE = 'connection', 'length', 'date'
 _RESPONSE_FIELDS = {name.lower(): _DROP for name in HOP_BY_HOP}
 _RESPONSE_FIELDS.update({'connection': _CONNECTION, 'content-length': _LENGTH,
                          'date': _DATE})
+# What a 101 answer to a WebSocket handshake keeps of the hop-by-hop fields.
+_UPGRADE_FIELDS = frozenset(('connection', 'upgrade'))
 
 
 class UpstreamError(BlackgateError):
@@ -127,27 +130,135 @@ class UpstreamServerError(UpstreamError):
                          % (response.get('status_code'), response.get('reason') or ''))
 
 
+class ClientGone(BadRequest):
+    """The client went away (or stalled) while its request body was being forwarded.
+
+    A :class:`~blackgate.BadRequest`: the client's doing, not the upstream's, so
+    it is not counted against the breaker and runs no fallback.
+    """
+
+
+class UpstreamBody:
+    """The body of an upstream response, still arriving: ``response['body']``.
+
+    :class:`HTTPProxy` reads it with :meth:`read` and sends each part to the
+    client as it comes; the command's outcome is counted when it ends (a body
+    that breaks off or goes idle past ``body_idle_timeout`` is a ``FAILURE``).
+    """
+
+    __slots__ = ('_body', '_host', '_outcome', 'idle_timeout')
+
+    def __init__(self, body: transport.ResponseBody, host: str,
+                 idle_timeout: Optional[float]) -> None:
+        self._body = body
+        self._host = host
+        self._outcome: Optional[DeferredOutcome] = None
+        #: seconds :meth:`read` waits for more before the body counts as broken off
+        self.idle_timeout = idle_timeout
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte of the body has been read from the upstream."""
+        return self._body.complete
+
+    @property
+    def length(self) -> Optional[int]:
+        """The ``Content-Length`` the upstream announced, or None."""
+        length = self._body.length
+        return None if length < 0 else length
+
+    def take_buffered(self) -> bytes:
+        """The bytes already read ahead, handed out now."""
+        data = self._body.take_buffered()
+        if self._body.complete:
+            self._settle(None)
+        return data
+
+    async def read(self) -> bytes:
+        """The next bytes; ``b''`` at the end. Raises :class:`UpstreamError` if it breaks off."""
+        try:
+            data = await self._body.read(self.idle_timeout)
+        except WireError as exc:
+            error: UpstreamError
+            if isinstance(exc, WireTimeout):
+                error = UpstreamTimeout('%s %s' % (self._host, exc))
+            else:
+                error = UpstreamError('the response of %s broke off: %s' % (self._host, exc))
+            self._settle(error)
+            raise error from None
+        if not data or self._body.complete:
+            self._settle(None)
+        return data
+
+    def close(self) -> None:
+        """Give up on the rest (the client left, or the body is not wanted): not a failure."""
+        self._body.close()
+        self._settle(None)
+
+    def _settle(self, error: Optional[BaseException]) -> None:
+        outcome = self._outcome
+        if outcome is not None:
+            self._outcome = None
+            if error is None:
+                outcome.success()
+            else:
+                outcome.failure(error)
+
+    def __repr__(self) -> str:
+        return '<UpstreamBody %r>' % (self._body,)
+
+
 class HTTPProxyCommand(Command):
     """A command that forwards one HTTP request to an upstream and returns its response.
 
     Subclass it, set ``group_key`` and ``command_key``, and write
     :meth:`before_request` to choose the upstream URL. ``run()`` sends exactly
-    one request with ``component.session``, with the command's ``timeout``,
-    following no redirect, and returns :attr:`response`. An upstream 5xx is
-    raised as :class:`UpstreamServerError`, so it counts as a failure and runs
-    the fallback.
+    one request on a kept-alive connection of the IOLoop's transport, following
+    no redirect, and returns :attr:`response`. An upstream 5xx is raised as
+    :class:`UpstreamServerError`, so it counts as a failure and runs the fallback.
+
+    Each exchange takes a slot of the group's executor pool (``max_workers +
+    max_queue_size`` exchanges at once for the group; beyond them 503) but no
+    thread. ``timeout`` bounds connecting and the response head; the time a
+    request body spends streaming upstream counts only while the upstream is the
+    one being waited for.
     """
+
+    group_admission = True
+
+    #: True: read the whole request and response bodies into memory, as
+    #: ``request['data']`` and ``response['content']`` (bytes), for hooks that read or
+    #: rewrite them (bounded by ``HTTPProxy.max_body_size`` and
+    #: :attr:`max_response_body_size`). False: bodies stream through.
+    buffer_body: bool = False
+    #: Seconds a streaming response body may go without sending anything before it
+    #: counts as broken off (a ``FAILURE``; the client's connection is closed). None:
+    #: the command's ``timeout``, except for a ``text/event-stream``, which may stay
+    #: silent as long as it likes. ``math.inf``: never.
+    body_idle_timeout: Optional[float] = None
+    #: Largest response body read into memory with ``buffer_body``; beyond it 502.
+    max_response_body_size: Optional[int] = 10 * 1024 * 1024
+    #: Seconds a response body of unknown length may take to end (within
+    #: :data:`BUFFER_SIZE` bytes) and still be sent whole, with its length; a slower
+    #: or longer one streams. An event stream never waits.
+    body_buffer_window: float = 0.05
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_proxy_settings(cls)
 
     def __init__(self, request: Dict[str, Any]) -> None:
         #: What :class:`HTTPProxy` built from the client's request: ``method``,
         #: ``path`` and ``query`` (raw, as received), ``params`` (``{name: [values]}``),
         #: ``headers`` (a case-insensitive ``urllib3.HTTPHeaderDict`` that keeps repeated
-        #: fields; ``add()`` appends, ``[name] =`` replaces), ``data`` (the body, bytes),
-        #: ``remote_ip``, and ``url`` (None until :meth:`before_request` sets it).
+        #: fields; ``add()`` appends, ``[name] =`` replaces), ``data`` (the body as bytes,
+        #: or None while it streams), ``remote_ip``, and ``url`` (None until
+        #: :meth:`before_request` sets it).
         self.request = request
         #: The upstream's answer once ``run()`` has it: ``status_code``, ``reason``,
-        #: ``headers`` (a list of ``(name, value)`` pairs, repeated fields kept) and
-        #: ``content`` (the body bytes as the upstream encoded them).
+        #: ``headers`` (a list of ``(name, value)`` pairs, repeated fields kept),
+        #: ``content`` (the body bytes with ``buffer_body``, else None) and ``body``
+        #: (an :class:`UpstreamBody` while the body streams, else None).
         self.response: Optional[Dict[str, Any]] = None
 
     def before_request(self) -> None:
@@ -160,10 +271,13 @@ class HTTPProxyCommand(Command):
         """
 
     def after_response(self) -> None:
-        """Inspect or change ``self.response`` before it is returned (or judged a 5xx)."""
+        """Inspect or change ``self.response`` before it is returned (or judged a 5xx).
 
-    def run(self) -> Dict[str, Any]:
-        """``before_request()``, one upstream call, ``after_response()``; the response dict."""
+        With a streaming body, setting ``content`` to bytes sends those instead.
+        """
+
+    async def run(self) -> Dict[str, Any]:
+        """``before_request()``, one upstream exchange, ``after_response()``; the response."""
         self.before_request()
         request = self.request
         url = request.get('url')
@@ -173,77 +287,349 @@ class HTTPProxyCommand(Command):
         query = request.get('query')
         if query and '?' not in url:
             url += '?' + query
+        try:
+            where = transport.parse_url(url)
+        except WireError as exc:
+            raise UpstreamError('cannot send to the URL that before_request() set: %s'
+                                % (exc,)) from None
+        host = where.authority
+        exchange = _Exchange(self, request, where)
+        try:
+            try:
+                head = await exchange.send()
+            finally:
+                exchange.end_request()
+            response = await exchange.receive(head)
+        except BaseException as exc:
+            exchange.abandon()
+            if isinstance(exc, WireTimeout):
+                raise UpstreamTimeout('%s %s' % (host, exc)) from None
+            if isinstance(exc, WireError):
+                raise UpstreamError('%s: %s' % (host, exc)) from None
+            raise
+        self.response = response
+        body: Any = response['body']
+        try:
+            self.after_response()
+            response = cast(Dict[str, Any], self.response)
+            if response['status_code'] >= 500:
+                raise UpstreamServerError(response)   # its body is the handler's to close
+        except UpstreamServerError:
+            raise
+        except BaseException:
+            if body is not None:
+                body.close()
+            raise
+        streaming = body if isinstance(body, UpstreamBody) else None
+        if streaming is not None:
+            replaced = response.get('body') is not body or response.get('content') is not None
+            if replaced:
+                streaming.close()   # after_response() replaced it
+            elif not streaming.complete:
+                streaming._outcome = self.defer_outcome()   # counted when the body ends
+        return response
+
+
+def _check_proxy_settings(cls: Any) -> None:
+    """The proxy's own class attributes, checked at class definition."""
+    name = cls.__qualname__
+    if not isinstance(cls.buffer_body, bool):
+        raise BlackgateError('%s.buffer_body=%r: expected True or False'
+                             % (name, cls.buffer_body))
+    for attribute in ('body_idle_timeout', 'max_response_body_size'):
+        value = getattr(cls, attribute)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise BlackgateError('%s.%s=%r: expected a number above 0, or None'
+                                 % (name, attribute, value))
+    window = cls.body_buffer_window
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or \
+            not 0 <= window < math.inf:
+        raise BlackgateError('%s.body_buffer_window=%r: expected seconds, 0 or more'
+                             % (name, window))
+
+
+class _Exchange:
+    """One request and its response head over the transport, for HTTPProxyCommand.run()."""
+
+    __slots__ = ('command', 'request', 'where', 'pool', 'connection', 'timeout', 'upgrade')
+
+    def __init__(self, command: HTTPProxyCommand, request: Dict[str, Any],
+                 where: transport.Target) -> None:
+        self.command = command
+        self.request = request
+        self.where = where
+        self.pool = transport.pool()
+        self.connection: Optional[transport.Connection] = None
+        self.timeout = command._bg_timeout()
+        self.upgrade = request.get('upgrade')
+
+    async def send(self) -> transport.ResponseHead:
+        request = self.request
         method = request['method']
         headers = request.get('headers')
-        if not isinstance(headers, HTTPHeaderDict):
-            headers = request['headers'] = HTTPHeaderDict(headers or {})
-        body = request.get('data') or None
-        if isinstance(body, str):
-            body = body.encode('utf-8')
-        if body is not None:
-            headers['Content-Length'] = str(len(body))
+        authority = self.where.authority
+        if component.tracer is not None and isinstance(headers, HTTPHeaderDict):
+            tracing.inject(headers)   # the upstream's spans join this command's trace
+        fields: List[Tuple[str, str]] = []
+        for name, value in _fields(headers):
+            lower = name.lower()
+            if lower in _FRAMING_FIELDS:
+                if lower == 'host':
+                    authority = str(value)   # before_request() chose the Host: its own
+                continue
+            fields.append((name, str(value)))
+        if self.upgrade:
+            fields.append(('Connection', 'Upgrade'))
+            fields.append(('Upgrade', self.upgrade))
+        streamed = request.get('body') if request.get('data') is None else None
+        if not isinstance(streamed, _RequestBody):
+            streamed = None
+        data = request.get('data') or None
+        if isinstance(data, str):
+            data = data.encode('utf-8')
+        elif data is not None and not isinstance(data, bytes):
+            data = bytes(data)
+        framing: Optional[str]
+        chunked = False
+        if streamed is not None:
+            length = streamed.length
+            chunked = length is None
+            framing = ('Transfer-Encoding: chunked' if length is None
+                       else 'Content-Length: %d' % length)
+        elif data is not None:
+            framing = 'Content-Length: %d' % len(data)
         elif method in _BODY_METHODS:
-            headers['Content-Length'] = '0'
+            framing = 'Content-Length: 0'
         else:
-            headers.discard('Content-Length')
-        # Otherwise urllib3 and http.client add their own: a proxy adds no field the
-        # client did not send (an Accept-Encoding would change what comes back).
-        if 'User-Agent' not in headers:
-            headers['User-Agent'] = SKIP_HEADER
-        if 'Accept-Encoding' not in headers:
-            headers['Accept-Encoding'] = SKIP_HEADER
+            framing = None
+        origin, target = self.where.origin, self.where.target
+        # A request whose body is not streaming can be sent again on a new connection if a
+        # kept-alive one turns out closed: it never reached the upstream's application.
+        for attempt in (1, 2):
+            connection = self.pool.take(origin) if attempt == 1 else None
+            if connection is None:
+                connection = await self.pool.connect(origin, self.timeout)
+            self.connection = connection
+            transport.send_request(connection, method, target, authority, fields, framing, data)
+            if streamed is not None:
+                await streamed.pump(self.command, connection, chunked)
+            try:
+                return await transport.read_head(connection, self.timeout)
+            except transport.StaleConnection:
+                connection.close()
+                if streamed is not None or attempt == 2:
+                    raise
+        raise AssertionError('unreachable')
 
-        # A PreparedRequest built by hand: prepare() would re-quote the URL, remove dot
-        # segments and merge the session's default headers.
-        prepared = requests.PreparedRequest()
-        prepared.method = method
-        prepared.url = url
-        prepared.headers = headers   # type: ignore[assignment]  # urllib3 sends repeats apart
-        prepared.body = body
-        session = _session()
-        timeout = self._bg_timeout()
-        _exact.target = _verbatim_target(url)
-        try:
-            # The session's adapter, directly: Session.send() would also parse every
-            # Set-Cookie for a cookie jar that stores nothing.
-            upstream = session.get_adapter(url).send(
-                prepared, stream=True, timeout=timeout, verify=session.verify,
-                cert=session.cert, proxies=session.proxies)
-        except requests.Timeout:
-            raise UpstreamTimeout('%s did not answer within %s s'
-                                  % (_host(url), timeout)) from None
-        except requests.ConnectionError as exc:
-            raise UpstreamError('connection to %s failed: %s'
-                                % (_host(url), _root_cause(exc))) from None
-        except (requests.exceptions.InvalidHeader, urllib3.exceptions.HTTPError,
-                http.client.HTTPException) as exc:   # e.g. two different Content-Lengths
-            raise UpstreamError('%s sent a malformed response: %s'
-                                % (_host(url), _root_cause(exc))) from None
-        finally:
-            _exact.target = None
+    def end_request(self) -> None:
+        """The request is sent (or failed): whatever else the client sends is dropped."""
+        sent = self.request.get('body')
+        if isinstance(sent, _RequestBody):
+            sent.detach()
 
-        raw = upstream.raw
-        status = upstream.status_code
-        if status < 200:
-            raw.close()   # the real answer may follow on this connection: never reuse it
-            raise UpstreamError('%s sent an interim %d response as its final answer'
-                                % (_host(url), status))
-        try:
-            content = raw.read(decode_content=False)   # the bytes as encoded upstream
-        except urllib3.exceptions.ReadTimeoutError:
-            raise UpstreamTimeout('%s did not send its body within %s s'
-                                  % (_host(url), timeout)) from None
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            raise UpstreamError('the response of %s broke off: %s'
-                                % (_host(url), _root_cause(exc))) from None
-        self.response = {'status_code': status, 'reason': upstream.reason,
-                         'headers': [(name, _unfolded(value))
-                                     for name, value in raw.headers.iteritems()],
-                         'content': content}
-        self.after_response()
-        if self.response['status_code'] >= 500:
-            raise UpstreamServerError(self.response)
-        return self.response
+    async def receive(self, head: transport.ResponseHead) -> Dict[str, Any]:
+        command = self.command
+        connection = self.connection
+        assert connection is not None   # send() returned a head read from it
+        method = self.request['method']
+        status = head.status
+        if status == 101:
+            if not self.upgrade:
+                connection.close()
+                raise WireError('switched protocols (101) though no upgrade was asked for')
+            body: Any = _Tunnel(connection)
+            return {'status_code': 101, 'reason': head.reason, 'headers': head.fields,
+                    'content': None, 'body': body}
+        mode, length = transport.body_framing(head, method)
+        raw = transport.ResponseBody(connection, self.pool, head, mode, length)
+        self.connection = None   # the body owns it now
+        if command.buffer_body:
+            limit = command.max_response_body_size
+            if limit is not None and length > limit:
+                raw.close()
+                raise WireError('sent a body of %d bytes; max_response_body_size is %d'
+                                % (length, limit))
+            parts, size = [], 0
+            while True:
+                data = await raw.read(self.timeout)
+                if not data:
+                    break
+                size += len(data)
+                if limit is not None and size > limit:
+                    raw.close()
+                    raise WireError('sent a body over max_response_body_size (%d bytes)'
+                                    % (limit,))
+                parts.append(data)
+            return {'status_code': status, 'reason': head.reason, 'headers': head.fields,
+                    'content': b''.join(parts), 'body': None}
+        event_stream = _is_event_stream(head.fields)
+        idle = command.body_idle_timeout
+        if idle is None:
+            idle = None if event_stream else self.timeout
+        elif idle == math.inf:
+            idle = None
+        body = UpstreamBody(raw, self.where.authority, idle)
+        if not event_stream:
+            try:
+                await raw.read_ahead(BUFFER_SIZE, command.body_buffer_window, self.timeout)
+            except BaseException:
+                raw.close()
+                raise
+        return {'status_code': status, 'reason': head.reason, 'headers': head.fields,
+                'content': None, 'body': body}
+
+    def abandon(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def _is_event_stream(fields: List[Tuple[str, str]]) -> bool:
+    for name, value in fields:
+        if name.lower() == 'content-type':
+            return value.partition(';')[0].strip(' \t').lower() == 'text/event-stream'
+    return False
+
+
+class _Tunnel:
+    """The upstream side of an upgraded connection (a WebSocket), relayed byte for byte."""
+
+    __slots__ = ('connection',)
+    complete = True
+
+    def __init__(self, connection: transport.Connection) -> None:
+        self.connection = connection
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class _RequestBody:
+    """A request body streaming from the client to the upstream, with flow control.
+
+    The handler feeds it from ``data_received()``; the command's ``run()`` pumps
+    it into the upstream connection once that is open. Until then, and while
+    the upstream is slow to take it, the handler's read of the client waits.
+    """
+
+    __slots__ = ('length', '_queue', '_stream', '_chunked', '_command', '_waiter', '_done',
+                 '_ended', '_error', '_writing', '_detached')
+
+    def __init__(self, length: Optional[int], prefix: Iterable[bytes] = ()) -> None:
+        #: the ``Content-Length`` the client sent, or None for a chunked body
+        self.length = length
+        self._queue: List[bytes] = list(prefix)
+        self._stream: Optional[tornado.iostream.IOStream] = None
+        self._chunked = False
+        self._command: Optional[HTTPProxyCommand] = None
+        self._waiter: Optional[asyncio.Future] = None    # the handler, waiting to feed more
+        self._done: Optional[asyncio.Future] = None      # run(), waiting for the body's end
+        self._ended = False
+        self._error: Optional[BaseException] = None
+        self._writing = 0
+        self._detached = False
+
+    # -- the handler's side ----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> Optional['asyncio.Future[None]']:
+        """A part of the body from the client; a future to wait on before reading more."""
+        if self._error is not None or self._detached:
+            return None   # nobody takes it any more: dropped
+        if self._stream is None:
+            self._queue.append(data)
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            return self._waiter
+        return self._write(data)
+
+    def end(self) -> None:
+        """The client sent the whole body."""
+        self._ended = True
+        if self._stream is not None and self._error is None and not self._detached:
+            self._write(b'')
+
+    def fail(self, error: BaseException) -> None:
+        """The client went away (or stalled): the upstream must not take it as complete."""
+        if self._error is None and not self._ended:
+            self._error = error
+            self._wake()
+
+    # -- run()'s side ----------------------------------------------------------------------
+
+    async def pump(self, command: HTTPProxyCommand, connection: transport.Connection,
+                   chunked: bool) -> None:
+        """Send the body into ``connection``; return when all of it has been written."""
+        self._command = command
+        self._stream = connection.stream
+        self._chunked = chunked
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        queued, self._queue = self._queue, []
+        for data in queued:
+            self._write(data)
+        if self._ended:
+            self._write(b'')
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._writing == 0 and not self._ended and self._error is None:
+            command.pause_timeout()   # the client's turn
+        await self._done
+        if self._error is not None:
+            if isinstance(self._error, ClientGone):
+                raise self._error
+            raise WireError('stopped taking the request body (%s)' % (self._error,))
+
+    def detach(self) -> None:
+        """run() has stopped: whatever else the client sends is dropped."""
+        self._detached = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _write(self, data: bytes) -> 'asyncio.Future[None]':
+        command, stream, done = self._command, self._stream, self._done
+        assert command is not None and stream is not None and done is not None   # pumping
+        if self._writing == 0 and not done.done():
+            command.refresh_timeout()   # the upstream's turn to take it
+        self._writing += 1
+        framed = transport.chunk(data) if self._chunked else data
+        written = asyncio.get_running_loop().create_future()
+        if framed:
+            try:
+                future = stream.write(framed)
+            except tornado.iostream.StreamClosedError as exc:
+                self._written(written, exc, data)
+                return written
+            future.add_done_callback(lambda future: self._written(
+                written, future.exception(), data))
+        else:
+            self._written(written, None, data)
+        return written
+
+    def _written(self, written: 'asyncio.Future[None]', error: Optional[BaseException],
+                 data: bytes) -> None:
+        self._writing -= 1
+        if not written.done():
+            written.set_result(None)   # never fails: the handler must not see our errors
+        if error is not None:
+            if self._error is None:
+                self._error = error
+            self._wake()
+        elif self._ended and self._writing == 0:
+            self._wake()
+        elif self._writing == 0 and self._command is not None and \
+                self._done is not None and not self._done.done():
+            self._command.pause_timeout()   # all sent: waiting for the client again
+
+    def _wake(self) -> None:
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 @tornado.web.stream_request_body
@@ -258,9 +644,14 @@ class HTTPProxy(tornado.web.RequestHandler):
 
     SUPPORTED_METHODS = ('GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS')
 
-    #: Largest request body in bytes; a larger one is answered 413 before it is read
-    #: in full. None: only the HTTP server's own ``max_body_size`` applies.
+    #: Largest request body in bytes; a larger one is answered 413 before it is
+    #: forwarded (or, when it streams, as soon as it is seen to be too long). None: no
+    #: limit of the proxy's own (for a streaming body, not even the HTTP server's
+    #: ``max_body_size``).
     max_body_size: Optional[int] = 10 * 1024 * 1024
+    #: Largest response body a command with ``buffer_body`` reads into memory; beyond
+    #: it 502. None: the command's own ``max_response_body_size``.
+    max_response_body_size: Optional[int] = None
     #: Whether the peer is a proxy you run. True: an incoming ``X-Forwarded-For`` is
     #: appended to, and an incoming ``X-Forwarded-Proto`` or ``X-Forwarded-Host`` kept.
     #: False, for a gateway at the edge: every ``X-Forwarded-*``, ``Forwarded`` and
@@ -269,10 +660,13 @@ class HTTPProxy(tornado.web.RequestHandler):
     #: The name this gateway gives itself in the ``Via`` field it adds to requests
     #: (RFC 9110 §7.6.3); None adds none.
     via: Optional[str] = 'blackgate'
+    #: Whether a WebSocket handshake (``Upgrade: websocket``) is relayed: the upstream's
+    #: 101, then frames both ways until either side closes. False: answered 403.
+    websocket: bool = False
 
-    command: type
+    command: 'type[HTTPProxyCommand]'
 
-    def initialize(self, command: type, **settings: Any) -> None:
+    def initialize(self, command: 'type[HTTPProxyCommand]', **settings: Any) -> None:
         """Take the :class:`HTTPProxyCommand` subclass, and any of the settings above."""
         if not (isinstance(command, type) and issubclass(command, HTTPProxyCommand)):
             raise TypeError('HTTPProxy needs command=<a subclass of HTTPProxyCommand>, got %r'
@@ -287,6 +681,10 @@ class HTTPProxy(tornado.web.RequestHandler):
         self._received = 0
         self._answered = False
         self._client_gone = False
+        self._body: Optional[_RequestBody] = None
+        self._pending: Optional['asyncio.Future[Any]'] = None
+        self._instance: Optional[HTTPProxyCommand] = None
+        self._upgrade: Optional[str] = None
 
     # -- what Tornado would otherwise add or check ----------------------------------------
 
@@ -312,27 +710,74 @@ class HTTPProxy(tornado.web.RequestHandler):
     # -- the request body ------------------------------------------------------------------
 
     def prepare(self) -> None:
+        headers = self.request.headers
+        if _wants_websocket(headers):
+            if not self.websocket or self.request.method != 'GET':
+                self._gateway_error(403, 'websocket not allowed here', 'websocket-refused')
+                return
+            self._upgrade = 'websocket'
         limit = self.max_body_size
-        if limit is not None:
-            length = self.request.headers.get('Content-Length')
-            # (a malformed length is Tornado's to refuse, with a 400)
-            if length is not None and length.isdigit() and int(length) > limit:
-                self._gateway_error(413, 'request body too large', 'body-too-large')
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._answered:
+        length = headers.get('Content-Length')
+        # (a malformed length is Tornado's to refuse, with a 400)
+        known = int(length) if length is not None and length.isdigit() else None
+        if limit is not None and known is not None and known > limit:
+            self._gateway_error(413, 'request body too large', 'body-too-large')
             return
+        buffered = self.command.buffer_body
+        if limit is not None or not buffered:
+            # The proxy's own limit replaces the server's (whose 400 would say nothing of
+            # it); a streaming body without one has no limit at all.
+            cast(Any, self.request.connection).set_max_body_size(_UNLIMITED)
+        if buffered:
+            return
+        if known is not None and known > BUFFER_SIZE:
+            self._stream_body(known)   # large: streams from the first byte
+
+    def data_received(self, chunk: bytes) -> Optional['asyncio.Future[None]']:
+        if self._answered:
+            return None
         self._received += len(chunk)
         limit = self.max_body_size
         if limit is not None and self._received > limit:   # a chunked body, too long
             self._chunks = []
+            if self._body is not None:
+                self._body.fail(ClientGone('request body over max_body_size'))
             self._gateway_error(413, 'request body too large', 'body-too-large')
-            return
+            return None
+        body = self._body
+        if body is not None:
+            return body.feed(chunk)
         self._chunks.append(chunk)
+        if self._received > BUFFER_SIZE and not self.command.buffer_body:
+            # A chunked body too long to wait for: it streams from here, chunked.
+            chunks, self._chunks = self._chunks, []
+            self._stream_body(None, chunks)
+        return None
 
     def on_connection_close(self) -> None:
         self._client_gone = True
+        body = self._body
+        if body is not None:
+            body.fail(ClientGone('the client went away before its request body ended'))
         super().on_connection_close()
+
+    def _stream_body(self, length: Optional[int], prefix: Iterable[bytes] = ()) -> None:
+        request = self._request_dict(None)
+        if request is None:
+            return
+        body = self._body = _RequestBody(length, prefix)
+        request['body'] = body
+        self._start(request)
+
+    def _start(self, request: Dict[str, Any]) -> None:
+        command = self._instance = self.command(request)
+        if self.max_response_body_size is not None:
+            command.max_response_body_size = self.max_response_body_size
+        if component.tracer is None:
+            self._pending = command.queue()
+        else:
+            with tracing.incoming(self.request.headers):   # the client's trace, if any
+                self._pending = command.queue()
 
     # -- the methods -----------------------------------------------------------------------
 
@@ -340,25 +785,39 @@ class HTTPProxy(tornado.web.RequestHandler):
         """Forward the request (every supported method does the same)."""
         if self._answered:
             return
-        request = self._request_dict()
-        if request is None:
-            return
+        if self._body is not None:
+            self._body.end()
+        else:
+            chunks = self._chunks
+            request = self._request_dict(chunks[0] if len(chunks) == 1 else b''.join(chunks))
+            if request is None:
+                return
+            self._start(request)
+        command, pending = self._instance, self._pending
+        assert command is not None and pending is not None   # _start() ran
         try:
-            response = await self.command(request).queue()
+            response = await pending
         except CommandError as error:
             response = self._failure_response(error)
         except BadRequest:
-            self._gateway_error(400, 'bad request', 'bad-request', Event.BAD_REQUEST.value)
+            if not self._answered:
+                self._gateway_error(400, 'bad request', 'bad-request', Event.BAD_REQUEST.value)
             return
+        if command.is_response_from_fallback:
+            cause = command.execution_exception
+            if isinstance(cause, UpstreamServerError):
+                _close_body(cause.response)
         if response is None:
             return
         if self._client_gone:
+            _close_body(response)
             self.set_status(499, 'Client Closed Request')   # for the access log
             self.finish()
             return
         try:
-            self._write_response(response)
+            await self._write_response(response)
         except _MalformedField:
+            _close_body(response)
             self.clear()
             self._gateway_error(502, 'bad gateway', 'bad-gateway')
 
@@ -366,7 +825,7 @@ class HTTPProxy(tornado.web.RequestHandler):
 
     # -- building the request dict ---------------------------------------------------------
 
-    def _request_dict(self) -> Optional[Dict[str, Any]]:
+    def _request_dict(self, data: Optional[bytes]) -> Optional[Dict[str, Any]]:
         request = self.request
         target = request.uri or ''
         if not target.startswith('/'):
@@ -414,27 +873,121 @@ class HTTPProxy(tornado.web.RequestHandler):
         if self.via:
             headers.add('Via', '%s %s' % (request.version[5:], self.via))
 
-        chunks = self._chunks
-        return {
+        result = {
             'method': request.method,
             'path': path,
             'query': query,
             'params': urllib.parse.parse_qs(query, keep_blank_values=True) if query else {},
             'headers': headers,
-            'data': chunks[0] if len(chunks) == 1 else b''.join(chunks),
+            'data': data,
             'remote_ip': remote_ip,
             'url': None,
         }
+        if self._upgrade:
+            result['upgrade'] = self._upgrade
+        return result
 
     # -- writing the response --------------------------------------------------------------
 
-    def _write_response(self, response: Mapping[str, Any]) -> None:
+    async def _write_response(self, response: Mapping[str, Any]) -> None:
         status = int(response.get('status_code') or 200)
+        body = response.get('body')
+        if status == 101 and isinstance(body, _Tunnel):
+            await self._relay_upgrade(response, body)
+            return
         # An empty reason gets the standard one (Tornado refuses to send none).
-        self.set_status(status, response.get('reason') or None)
+        reason = response.get('reason') or None
+        try:
+            self.set_status(status, reason)
+        except ValueError:
+            self.set_status(status if 100 <= status <= 999 else 502)
         method = self.request.method
+        length = self._add_fields(response.get('headers'))
+
+        if method == 'HEAD' or status in _NO_BODY_STATUS or status < 200:
+            # No body. HEAD keeps the upstream's length, as a 304 may; flushing before
+            # finish() keeps Tornado from setting a length of 0 or dropping fields.
+            _close_body(response)
+            if length is not None and status != 204 and status >= 200:
+                self._add_field('Content-Length', length)
+            self.flush()
+            self.finish()
+            return
+        content = response.get('content')
+        if content is not None or body is None:
+            _close_body(response)
+            if content:
+                if isinstance(content, str):
+                    content = content.encode('utf-8')
+                elif not isinstance(content, bytes):
+                    content = bytes(content)   # a bytearray or memoryview from a fallback
+                self.write(content)   # finish() sets Content-Length to its exact size
+            self.finish()
+            return
+        if body.complete:   # it arrived whole: sent whole, with its exact length
+            data = body.take_buffered()
+            if data:
+                self.write(data)
+            self.finish()
+            return
+        await self._stream_response(body)
+
+    async def _stream_response(self, body: UpstreamBody) -> None:
+        """The body as it arrives; each part waits until the client took the last one."""
+        if body.length is not None:
+            self.set_header('Content-Length', body.length)
+        try:
+            data = body.take_buffered()
+            if data:
+                self.write(data)
+            await self.flush()
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                self.write(data)
+                await self.flush()
+        except tornado.iostream.StreamClosedError:
+            body.close()   # the client left: the upstream read stops, its slot is freed
+            return
+        except UpstreamError:
+            # The status is sent already: all the client can be told is a cut connection.
+            body.close()
+            self._abort()
+            return
+        self.finish()
+
+    async def _relay_upgrade(self, response: Mapping[str, Any], tunnel: _Tunnel) -> None:
+        """Send the upstream's 101 and relay the bytes both ways until either side closes."""
+        reason = response.get('reason') or 'Switching Protocols'
+        lines = ['HTTP/1.1 101 %s' % (_UNSAFE_IN_FIELD.sub(' ', reason),)]
+        for name, value in _fields(response.get('headers')):
+            lower = name.lower()
+            if lower in _RESPONSE_FIELDS and lower not in _UPGRADE_FIELDS:
+                continue
+            value = _UNSAFE_IN_FIELD.sub(' ', str(value))
+            lines.append('%s: %s' % (name, value))
+        head = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1', 'replace')
+        self.set_status(101)   # for the access log
+        client = self.detach()
+        upstream = tunnel.connection.stream
+        try:
+            await client.write(head)
+        except tornado.iostream.StreamClosedError:
+            upstream.close()
+            return
+        await asyncio.gather(_relay(client, upstream), _relay(upstream, client))
+
+    def _abort(self) -> None:
+        try:
+            self.detach().close()
+        except Exception:   # already closed
+            pass
+
+    def _add_fields(self, headers: Any) -> Optional[str]:
+        """Every end-to-end field of the upstream's answer (the one pass back); its length."""
         named = length = None
-        for name, value in _fields(response.get('headers')):   # the one pass back
+        for name, value in _fields(headers):
             kind = _RESPONSE_FIELDS.get(name.lower())
             if kind is None:
                 self._add_field(name, value)
@@ -449,23 +1002,7 @@ class HTTPProxy(tornado.web.RequestHandler):
             for name in named:
                 if name and name.lower() not in ('close', 'keep-alive'):
                     self.clear_header(name)
-
-        if method == 'HEAD' or status in _NO_BODY_STATUS or status < 200:
-            # No body. HEAD keeps the upstream's length, as a 304 may; flushing before
-            # finish() keeps Tornado from setting a length of 0 or dropping fields.
-            if length is not None and status != 204 and status >= 200:
-                self._add_field('Content-Length', length)
-            self.flush()
-            self.finish()
-            return
-        content = response.get('content')
-        if content:
-            if isinstance(content, str):
-                content = content.encode('utf-8')
-            elif not isinstance(content, bytes):
-                content = bytes(content)   # a bytearray or memoryview from a fallback
-            self.write(content)   # finish() sets Content-Length to its exact size
-        self.finish()
+        return length
 
     def _add_field(self, name: str, value: Any) -> None:
         try:
@@ -486,6 +1023,8 @@ class HTTPProxy(tornado.web.RequestHandler):
         failure_type = error.failure_type
         if isinstance(cause, UpstreamServerError):
             return cause.response
+        if self._answered:
+            return None
         if failure_type in _REJECTED:
             if failure_type is FailureType.SHORTCIRCUIT:
                 window = component.circuit_breaker(error.command_key).settings \
@@ -524,12 +1063,54 @@ class HTTPProxy(tornado.web.RequestHandler):
                 'failure_type': failure_type}
         self.finish(json.dumps(body).encode('ascii'))
 
+    def on_finish(self) -> None:
+        pending = self._pending
+        if pending is not None and not pending.done():
+            # Answered before the command settled (a body over the limit): its outcome is
+            # counted all the same; nobody waits for the future itself.
+            pending.add_done_callback(_consume)
 
-_SETTINGS = ('max_body_size', 'trust_forwarded_headers', 'via')
+
+_SETTINGS = ('max_body_size', 'max_response_body_size', 'trust_forwarded_headers', 'via',
+             'websocket')
 
 
 class _MalformedField(Exception):
     """A response field Tornado cannot send, even cleaned."""
+
+
+async def _relay(source: tornado.iostream.IOStream, sink: tornado.iostream.IOStream) -> None:
+    """Copy ``source`` into ``sink`` until either closes; then close both."""
+    try:
+        while True:
+            data = await source.read_bytes(transport.CHUNK_SIZE, partial=True)
+            await sink.write(data)
+    except tornado.iostream.StreamClosedError:
+        pass
+    finally:
+        source.close()
+        sink.close()
+
+
+def _consume(future: 'asyncio.Future[Any]') -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _close_body(response: Any) -> None:
+    if isinstance(response, Mapping):
+        body = response.get('body')
+        if body is not None and hasattr(body, 'close'):
+            body.close()
+
+
+def _wants_websocket(headers: tornado.httputil.HTTPHeaders) -> bool:
+    """A WebSocket handshake: ``Upgrade: websocket`` named in ``Connection`` (RFC 6455 §4.1)."""
+    upgrade = headers.get('Upgrade')
+    if upgrade is None or 'websocket' not in upgrade.lower():
+        return False
+    return any(token.strip().lower() == 'upgrade'
+               for value in headers.get_list('Connection') for token in value.split(','))
 
 
 def _connection_names(values: List[str]) -> Optional[frozenset]:
@@ -559,170 +1140,3 @@ def _expand(headers: Mapping[str, Any]) -> Iterator[Tuple[str, Any]]:
                 yield name, item
         else:
             yield name, value
-
-
-def _host(url: str) -> str:
-    return urllib.parse.urlsplit(url).netloc.rpartition('@')[2] or url
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception that urllib3 and requests wrapped, as ``Type: message``."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, 'reason', None)
-        if not isinstance(inner, BaseException):
-            inner = next((arg for arg in reversed(exc.args) if isinstance(arg, BaseException)),
-                         None) or exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    text = ' '.join(str(exc).split())[:200]   # one line, whatever the upstream sent
-    return '%s: %s' % (type(exc).__name__, text) if text else type(exc).__name__
-
-
-# -- the wire: the request target as it is, the response head read strictly -------------------
-#
-# urllib3 re-encodes every request target (urlopen() calls _encode_target): %2f becomes
-# %2F, and a '[' or a stray '%' gets percent-encoded, which also re-encodes every other
-# '%' in the path. A gateway must send what the client sent. run() puts the target, as
-# it appears in the URL, in a thread-local; the connections of the shared session's pools
-# put it back in the request line. Both happen on the worker thread, inside one call.
-#
-# http.client hands the response's field lines to email.parser, which also ends a line at
-# a bare CR: an upstream's "X-A: 1<CR>Set-Cookie: x" would reach the client as two fields,
-# and a line it cannot parse drops the fields after it and makes urllib3 log a traceback.
-# The same connections read the head through _StrictHead, which gives http.client only
-# valid lines (RFC 9112 §2.2, §5.1): a bare CR becomes a space, whitespace before the colon
-# goes, and a line that is no field at all makes the response malformed (502).
-
-_exact = threading.local()
-
-_FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r?\n")
-_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def _verbatim_target(url: str) -> Optional[str]:
-    """The path and query of ``url`` as they are, if they can go on the wire unchanged."""
-    start = url.find('://')
-    if start < 0:
-        return None
-    match = _AUTHORITY_END.search(url, start + 3)
-    if match is None:
-        return None
-    target = url[match.start():]
-    return target if _VERBATIM_TARGET.fullmatch(target) else None
-
-
-class _MalformedHead(http.client.HTTPException):
-    """The upstream's response head has a line that is not a field."""
-
-
-class _StrictHead:
-    """The socket file while http.client reads a response head: every line checked."""
-
-    __slots__ = ('fp', '_in_fields')
-
-    def __init__(self, fp: Any) -> None:
-        self.fp = fp
-        self._in_fields = False   # False: the next line is a status line
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self.fp.readline(limit)
-        if not self._in_fields:
-            self._in_fields = True
-            return _without_bare_cr(line)
-        if line in (b'\r\n', b'\n', b''):
-            self._in_fields = False   # the end of this head (a 1xx is followed by another)
-            return line
-        if _FIELD_LINE.fullmatch(line):
-            return line
-        if line[:1] in (b' ', b'\t'):   # obs-fold: a continuation, unfolded later
-            return _without_bare_cr(line)
-        name, colon, value = _without_bare_cr(line).partition(b':')
-        name = name.rstrip(b' \t')
-        if not colon or not _FIELD_NAME.fullmatch(name):
-            raise _MalformedHead('not a field line: %r' % (line[:100],))
-        return name + b':' + value
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.fp, name)
-
-
-def _unfolded(value: str) -> str:
-    """A field value with each obs-fold replaced by one space (RFC 9112 §5.2).
-
-    What http.client leaves of a folded line differs between Python versions,
-    and so would what Tornado then makes of it.
-    """
-    if '\n' not in value:
-        return value
-    return _OBS_FOLD.sub(' ', value)
-
-
-def _without_bare_cr(line: bytes) -> bytes:
-    end = len(line) - 2 if line.endswith(b'\r\n') else len(line)
-    if b'\r' not in line[:end]:
-        return line
-    return line[:end].replace(b'\r', b' ') + line[end:]
-
-
-class _StrictResponse(http.client.HTTPResponse):
-    def begin(self) -> None:
-        if self.headers is not None:
-            return
-        fp = self.fp
-        self.fp = _StrictHead(fp)
-        try:
-            super().begin()
-        finally:
-            if isinstance(self.fp, _StrictHead):
-                self.fp = fp   # the body is read from the socket file itself
-
-
-class _GatewayConnection:
-    response_class = _StrictResponse
-
-    def putrequest(self, method: str, url: str, *args: Any, **kwargs: Any) -> None:
-        target = getattr(_exact, 'target', None)
-        super().putrequest(method, url if target is None else target,  # type: ignore[misc]
-                           *args, **kwargs)
-
-
-class _HTTPConnection(_GatewayConnection,  # type: ignore[misc]
-                      urllib3.connection.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_GatewayConnection,  # type: ignore[misc]
-                       urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _HTTPConnectionPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSConnectionPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-_GATEWAY_POOLS = {'http': _HTTPConnectionPool, 'https': _HTTPSConnectionPool}
-_adopted: 'weakref.WeakSet[requests.Session]' = weakref.WeakSet()
-_adopt_lock = threading.Lock()
-
-
-def _session() -> requests.Session:
-    """``component.session``, whose stock pools now use the connections above."""
-    session = component.session
-    if session not in _adopted:
-        with _adopt_lock:
-            for adapter in session.adapters.values():
-                manager = getattr(adapter, 'poolmanager', None)
-                # Only urllib3's own pool classes: an adapter with pools of its own keeps them.
-                if manager is not None and \
-                        manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
-                    manager.pool_classes_by_scheme = _GATEWAY_POOLS
-                    manager.clear()
-            _adopted.add(session)
-    return session

@@ -36,9 +36,9 @@ __all__ = ('Component', 'component', 'KeyState')
 log = logging.getLogger('blackgate')
 
 DEFAULT_GROUP = 'default'
-_SET_KEYS = ('command_defaults', 'state_store')
+_SET_KEYS = ('command_defaults', 'state_store', 'tracing')
 _ADD_KEYS = ('executor_pool', 'command')
-_LISTENER_METHODS = ('on_event', 'on_state_change')
+_LISTENER_METHODS = ('on_event', 'on_state_change', 'on_reset')
 
 
 class KeyState:
@@ -98,6 +98,10 @@ class Component:
         # fleet mode: what set('state_store') asked for, and the running store
         self._store_options: Optional[Dict[str, Any]] = None
         self._store: Optional[Any] = None
+        # tracing: what set('tracing') built, and what install() made current
+        self._tracing: Optional[Any] = None
+        #: the tracer commands hand their executions to (``blackgate.tracing``), or None
+        self.tracer: Optional[Any] = None
 
     # -- configuration ---------------------------------------------------------------
 
@@ -106,7 +110,8 @@ class Component:
 
         ``'command_defaults'``: a dict of command settings for every command;
         ``'state_store'``: fleet mode, e.g. ``{'backend': 'redis', 'url':
-        'redis://127.0.0.1:6379/0', 'prefix': 'blackgate'}``.
+        'redis://127.0.0.1:6379/0', 'prefix': 'blackgate'}``; ``'tracing'``:
+        ``{'backend': 'otel'}``, a span per execution (``blackgate.tracing``).
         """
         if key not in _SET_KEYS:
             hint = ("; use component.add(%r, ...) for that" % (key,)) if key in _ADD_KEYS else ''
@@ -117,6 +122,12 @@ class Component:
             options = check_store_mapping(value)
             with self._lock:
                 self._store_options = options
+            return
+        if key == 'tracing':
+            from .tracing import OTelTracer
+            tracer = OTelTracer(value)
+            with self._lock:
+                self._tracing = tracer
             return
         checked = check_command_mapping("component.set('command_defaults', ...)", value,
                                         needs_key=False)
@@ -147,6 +158,8 @@ class Component:
         with self._lock:
             if key == 'state_store':
                 self._store_options = None
+            elif key == 'tracing':
+                self._tracing = None
             else:
                 self._defaults = {}
 
@@ -179,6 +192,7 @@ class Component:
                 for state in self._keys.values():
                     if new_store is not None:
                         new_store.attach(state.breaker)
+            self.tracer = self._tracing
             self._runtimes.clear()
 
     def _new_store(self) -> Any:
@@ -232,16 +246,21 @@ class Component:
     def reset(self) -> None:
         """Shut down, then forget all configuration, pools, breakers, metrics and listeners.
 
-        The clock goes back to the system clock. Meant for tests.
+        The clock goes back to the system clock; each listener's ``on_reset()``, if it
+        has one, is called once it is forgotten. Meant for tests.
         """
         self.shutdown()
         with self._lock:
             self._forget()
             self._clock = SystemClock()
-            self._listeners = ()
+            listeners, self._listeners = self._listeners, ()
             session, self._session = self._session, None
         if session is not None:
             session.close()
+        for listener in listeners:
+            on_reset = getattr(listener, 'on_reset', None)
+            if on_reset is not None:
+                _call_listener(on_reset)
 
     # -- what commands and users look up ----------------------------------------------
 
@@ -320,10 +339,14 @@ class Component:
     # -- listeners ---------------------------------------------------------------------
 
     def add_listener(self, listener: Any) -> None:
-        """Call ``listener.on_event(command_key, event)`` and ``on_state_change(command_key, old, new)``."""
+        """Call ``listener.on_event(command_key, event)`` and ``on_state_change(command_key, old, new)``.
+
+        And ``on_reset()`` when :meth:`reset` forgets it; a listener may have any of the three.
+        """
         if not any(callable(getattr(listener, name, None)) for name in _LISTENER_METHODS):
-            raise TypeError('a listener needs an on_event(command_key, event) or an '
-                            'on_state_change(command_key, old, new) method; got %r' % (listener,))
+            raise TypeError('a listener needs an on_event(command_key, event), an '
+                            'on_state_change(command_key, old, new) or an on_reset() method; '
+                            'got %r' % (listener,))
         with self._lock:
             self._listeners += (listener,)
 

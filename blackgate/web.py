@@ -15,14 +15,17 @@ so the Netflix Hystrix dashboard, Turbine and their successors read it unchanged
 nothing from elsewhere, that reads the same stream.
 
 Mapping Blackgate onto Hystrix's fields (see :func:`command_sample` and
-:func:`pool_sample`): latencies are whole milliseconds; a command whose ``run()``
-is ``async def`` reports ``"SEMAPHORE"`` isolation, any other ``"THREAD"``;
-``rollingCountExceptionsThrown`` counts the executions that raised
-``CommandError`` to their caller (fallback failed, missing or rejected); a
-pool's rolling executions and rejections are those of the thread-isolated
-commands of its group, and its ``rollingMaxActiveThreads`` is the most workers
-ever busy at once since the pool started (a pool keeps no rolling maximum; a
-command's ``rollingMaxConcurrentExecutionCount`` is one, over its window).
+:func:`pool_sample`), with Java Hystrix 1.5's rules: latencies are whole
+milliseconds; a command whose ``run()`` is ``async def`` reports
+``"SEMAPHORE"`` isolation, any other ``"THREAD"``;
+``rollingCountExceptionsThrown`` counts the calls that raised to their caller
+(``BAD_REQUEST``, ``FALLBACK_FAILURE``, ``FALLBACK_MISSING``,
+``FALLBACK_REJECTION``, Hystrix's ``EXCEPTION_PRODUCING_EVENT_TYPES``); a
+pool's rolling executions, rejections and ``rollingMaxActiveThreads`` come
+from the thread-isolated commands of its group (the last, as in Hystrix, is
+the largest of their rolling maxima of concurrent executions, sampled as each
+``run()`` starts); ``currentPoolSize`` is the worker threads the pool has
+started, and a pool is streamed only once some work was submitted to it.
 
 .. warning::
 
@@ -69,9 +72,9 @@ DEFAULT_MAX_CLIENTS = 5
 PING = b'ping: \n\n'
 
 _RESPONSE_FROM_CACHE = getattr(Event, 'RESPONSE_FROM_CACHE', None)
-_EXCEPTION_THROWN = (Event.FALLBACK_FAILURE, Event.FALLBACK_MISSING, Event.FALLBACK_REJECTION)
-# The outcomes for which run() held a worker thread: a pool's "executions".
-_RAN_ON_A_THREAD = (Event.SUCCESS, Event.FAILURE, Event.TIMEOUT, Event.BAD_REQUEST)
+# Hystrix 1.5's EXCEPTION_PRODUCING_EVENT_TYPES (its FALLBACK_DISABLED is our FALLBACK_MISSING)
+_EXCEPTION_THROWN = (Event.BAD_REQUEST, Event.FALLBACK_FAILURE, Event.FALLBACK_MISSING,
+                     Event.FALLBACK_REJECTION)
 
 _COUNT_FIELDS = (
     ('rollingCountBadRequests', Event.BAD_REQUEST),
@@ -196,11 +199,12 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
     """The ``HystrixThreadPool`` event of the executor pool of ``group_key``.
 
     :param commands: :func:`command_sample` results; those of this group's
-        thread-isolated commands give the rolling executions and rejections.
+        thread-isolated commands give the rolling executions, rejections and
+        maximum of active threads.
     """
     registry = registry if registry is not None else component
     pool = registry.pool(group_key)
-    executed = rejected = 0
+    executed = rejected = most_active = 0
     window = None
     for sample in commands:
         if (sample['group'] != group_key
@@ -209,13 +213,16 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
         executed += (sample['rollingCountSuccess'] + sample['rollingCountFailure']
                      + sample['rollingCountTimeout'] + sample['rollingCountBadRequests'])
         rejected += sample['rollingCountThreadPoolRejected']
+        # Hystrix 1.5 feeds a pool's rolling maximum with each starting command's own
+        # concurrency: the pool's maximum is the largest of its commands' maxima.
+        most_active = max(most_active, sample['rollingMaxConcurrentExecutionCount'])
         window = max(window or 0,
                      sample['propertyValue_metricsRollingStatisticalWindowInMilliseconds'])
     in_flight = pool.in_flight
     completed = pool.completed_count
-    # A pool's Workers start a thread only when no idle one is left, and never stop
-    # one: its threads are as many as the most work it ever had at once.
-    threads = pool.largest_active_count
+    # A pool's Workers never stop a thread before shutdown: the threads they have
+    # started are the pool's size now, and the largest it ever had.
+    threads = pool.pool_size
     return {
         'type': 'HystrixThreadPool',
         'name': group_key,
@@ -229,7 +236,7 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
         'currentQueueSize': pool.queue_size,
         'currentTaskCount': completed + in_flight,
         'rollingCountThreadsExecuted': executed,
-        'rollingMaxActiveThreads': pool.largest_active_count,
+        'rollingMaxActiveThreads': most_active,
         'rollingCountCommandRejections': rejected,
         'propertyValue_queueSizeRejectionThreshold': pool.max_queue_size,
         'propertyValue_metricsRollingStatisticalWindowInMilliseconds':
@@ -241,14 +248,14 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
 
 
 def stream_samples(registry: Optional[Component] = None) -> List[Dict[str, Any]]:
-    """One sample per command key, then one per executor pool, as the stream sends them."""
+    """One sample per command key, then one per executor pool used, as the stream sends them."""
     registry = registry if registry is not None else component
     now = registry.clock.wall()
     isolation = _isolation(registry)
     commands = [command_sample(key, registry, isolation.get(key, 'THREAD'), now)
                 for key in registry.command_keys]
     pools = [pool_sample(group_key, registry, commands, now)
-             for group_key in sorted(registry.pools)]
+             for group_key, pool in sorted(registry.pools.items()) if pool.used]
     return commands + pools
 
 
@@ -436,6 +443,8 @@ class DashboardHandler(tornado.web.RequestHandler):
 def routes(prefix: str = '/blackgate', **stream_options: Any) -> List[tuple]:
     """The dashboard at ``prefix + '/'`` and the stream at ``prefix + '/hystrix.stream'``.
 
+    ``prefix`` without the slash redirects to the dashboard (the page finds the
+    stream beside it, so it must be served from ``prefix + '/'``).
     ``stream_options`` (``max_clients``, ``delay``, ``registry``) go to
     :class:`MetricsStreamHandler`::
 
@@ -445,4 +454,7 @@ def routes(prefix: str = '/blackgate', **stream_options: Any) -> List[tuple]:
     stream: tuple = (prefix + '/hystrix.stream', MetricsStreamHandler)
     if stream_options:
         stream += (stream_options,)
-    return [(prefix + '/', DashboardHandler), stream]
+    found = [(prefix + '/', DashboardHandler), stream]
+    if prefix:
+        found.append((prefix, tornado.web.RedirectHandler, {'url': prefix + '/'}))
+    return found

@@ -22,10 +22,11 @@ import sys
 
 import tornado.httpclient
 import tornado.web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
 from blackgate import Command, component
-from blackgate.prometheus import BlackgateCollector
+from blackgate.prometheus import register
 from blackgate.web import routes
 
 
@@ -50,24 +51,28 @@ class QuoteHandler(tornado.web.RequestHandler):
 
 
 class MetricsHandler(tornado.web.RequestHandler):
-    """Prometheus' text exposition of the default registry."""
+    """A registry's exposition: OpenMetrics if the scraper asks for it, else Prometheus' text."""
+
+    def initialize(self, registry=REGISTRY):
+        self.registry = registry
 
     def get(self):
-        self.set_header('Content-Type', CONTENT_TYPE_LATEST)
-        self.write(generate_latest(REGISTRY))
+        encoder, content_type = choose_encoder(self.request.headers.get('Accept', ''))
+        self.set_header('Content-Type', content_type)
+        self.write(encoder(self.registry))
 
 
-def make_app():
+def make_app(registry=REGISTRY):
     return tornado.web.Application([
         (r'/quote', QuoteHandler),
-        (r'/metrics', MetricsHandler),
+        (r'/metrics', MetricsHandler, dict(registry=registry)),
     ] + routes('/blackgate'))
 
 
 async def main(port, serve):
     component.add('executor_pool', {'group_key': 'quotes', 'max_workers': 4})
     component.install()
-    REGISTRY.register(BlackgateCollector())
+    register()   # once: a second call returns the collector already registered
 
     server = make_app().listen(port, '127.0.0.1')
     port = next(iter(server._sockets.values())).getsockname()[1]

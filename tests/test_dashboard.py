@@ -31,7 +31,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.websocket import websocket_connect
 
-from blackgate import BadRequest, BreakerState, Command, Event, component
+from blackgate import BadRequest, BreakerState, Command, CommandError, Event, component
 from blackgate.web import routes
 
 #: Real seconds: the longest the browser test waits for any one thing.
@@ -60,6 +60,17 @@ async def test_the_page_is_served_from_the_package_with_a_strict_policy(http_cli
     assert len(scripts) == 1
     digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
     assert "script-src 'sha256-%s'" % digest in policy
+
+
+@pytest.mark.gen_test
+async def test_the_prefix_without_its_slash_redirects_to_the_page(http_client, base_url):
+    response = await http_client.fetch(base_url + '/blackgate?delay=250', follow_redirects=False,
+                                       raise_error=False)
+    assert response.code == 301
+    assert response.headers['Location'] == '/blackgate/?delay=250'
+    page = await http_client.fetch(base_url + '/blackgate')
+    assert page.effective_url == base_url + '/blackgate/'
+    assert '<title>Blackgate dashboard</title>' in page.body.decode()
 
 
 def test_the_page_loads_nothing_from_elsewhere():
@@ -188,9 +199,19 @@ class GetShipping(Endpoint):
     failure_rate = 0.05
 
 
+class GetWarehouseStock(Endpoint):
+    """A long command key and no fallback (like a proxy's): its failures count as missing."""
+
+    group_key = 'inventory'
+    command_key = 'inventory.warehouse-eu-west-1.get_stock_levels_by_sku'
+    failure_rate = 0.2
+    fallback = Command.fallback
+
+
 COMMANDS = {cls.command_key: cls for cls in (
     GetUser, GetProfile, GetAvatar, GetPrice, GetDiscount, Search, GetRecommendations,
-    GetHistory, GetConfig, GetFlags, GetStock, GetShipping)}
+    GetHistory, GetConfig, GetFlags, GetStock, GetShipping, GetWarehouseStock)}
+LONG_KEY = GetWarehouseStock.command_key
 
 
 class CallHandler(tornado.web.RequestHandler):
@@ -199,12 +220,15 @@ class CallHandler(tornado.web.RequestHandler):
             self.write({'result': await COMMANDS[name]().queue()})
         except BadRequest:
             self.set_status(400)
+        except CommandError:      # no fallback: the caller hears of it
+            self.set_status(503)
 
 
 class LiveApp:
     """The application, served on 127.0.0.1 from a thread with its own event loop."""
 
-    def __init__(self):
+    def __init__(self, **stream_options):
+        self.stream_options = stream_options
         self._ready = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
                                         name='live-app', daemon=True)
@@ -223,8 +247,9 @@ class LiveApp:
         self._stop = asyncio.Event()
         sockets = bind_sockets(0, '127.0.0.1')
         self.port = sockets[0].getsockname()[1]
-        app = tornado.web.Application(routes('/blackgate') + [(r'/call/(\w+)', CallHandler)],
-                                      log_function=lambda handler: None)
+        app = tornado.web.Application(
+            routes('/blackgate', **self.stream_options) + [(r'/call/([\w.-]+)', CallHandler)],
+            log_function=lambda handler: None)
         server = HTTPServer(app)
         server.add_sockets(sockets)
         self._ready.set()
@@ -326,7 +351,7 @@ class Browser:
     async def call(self, method, session=False, **params):
         message = {'id': next(self._ids), 'method': method, 'params': params}
         if session:
-            message['sessionId'] = self.session
+            message['sessionId'] = self.session if session is True else session
         await self.connection.write_message(json.dumps(message))
         while True:
             raw = await asyncio.wait_for(self.connection.read_message(), WAIT)
@@ -338,16 +363,24 @@ class Browser:
             if 'method' in reply:
                 self.events.append(reply)
 
-    async def evaluate(self, expression):
-        result = await self.call('Runtime.evaluate', session=True, expression=expression,
+    async def new_page(self, url):
+        """Open ``url`` in another tab; its session, for ``evaluate(..., session=)``."""
+        target = (await self.call('Target.createTarget', url=url))['targetId']
+        session = (await self.call('Target.attachToTarget', targetId=target,
+                                   flatten=True))['sessionId']
+        await self.call('Runtime.enable', session=session)
+        return session
+
+    async def evaluate(self, expression, session=True):
+        result = await self.call('Runtime.evaluate', session=session, expression=expression,
                                  returnByValue=True)
         assert 'exceptionDetails' not in result, result
         return result['result'].get('value')
 
-    async def wait_for(self, expression, timeout=WAIT):
+    async def wait_for(self, expression, timeout=WAIT, session=True):
         deadline = time.monotonic() + timeout
         while True:
-            value = await self.evaluate(expression)
+            value = await self.evaluate(expression, session)
             if value:
                 return value
             assert time.monotonic() < deadline, 'the page never showed: ' + expression
@@ -379,7 +412,16 @@ READ_PAGE = r'''JSON.stringify({
       SUCCESS: text('.count.success'), SHORT_CIRCUITED: text('.count.short-circuited'),
       BAD_REQUEST: text('.count.bad-request'), TIMEOUT: text('.count.timeout'),
       REJECTED: text('.count.rejected'), FAILURE: text('.count.failure'),
-      median: text('.latency-50'), health: card.querySelector('.health').getAttribute('data-health')
+      median: text('.latency-50'), health: card.querySelector('.health').getAttribute('data-health'),
+      FALLBACK_MISSING: text('.fallback-missing .n'), FALLBACK_SUCCESS: text('.fallback-served .n'),
+      missingVisible: (function (node) {
+        var box = node.getBoundingClientRect(), cardBox = card.getBoundingClientRect();
+        return box.width > 0 && box.right <= cardBox.right && box.bottom <= cardBox.bottom;
+      })(card.querySelector('.fallback-missing')),
+      nameShown: (function (node) {   // the whole key, not cut off
+        return node.textContent === card.getAttribute('data-command') &&
+          node.scrollWidth <= node.clientWidth && node.scrollHeight <= node.clientHeight + 1;
+      })(card.querySelector('.name'))
     };
   }),
   pools: Array.from(document.querySelectorAll('#pools tr.pool')).map(function (row) {
@@ -406,6 +448,8 @@ def expected_page():
             'REJECTED': counts[Event.THREAD_POOL_REJECTED] + counts[Event.SEMAPHORE_REJECTED],
             'FAILURE': counts[Event.FAILURE], 'errorPercentage': int(health.error_percentage),
             'state': component.circuit_breaker(name).state.value,
+            'FALLBACK_MISSING': counts[Event.FALLBACK_MISSING],
+            'FALLBACK_SUCCESS': counts[Event.FALLBACK_SUCCESS],
         }
     return expected
 
@@ -416,6 +460,8 @@ def on_page(page):
         'BAD_REQUEST': shown(card['BAD_REQUEST']), 'TIMEOUT': shown(card['TIMEOUT']),
         'REJECTED': shown(card['REJECTED']), 'FAILURE': shown(card['FAILURE']),
         'errorPercentage': shown(card['errorPercentage']), 'state': card['state'],
+        'FALLBACK_MISSING': shown(card['FALLBACK_MISSING']),
+        'FALLBACK_SUCCESS': shown(card['FALLBACK_SUCCESS']),
     } for card in page['commands']}
 
 
@@ -457,6 +503,9 @@ def test_the_dashboard_in_headless_chromium_shows_commands_counts_and_an_open_br
     assert all(card['stateText'] == 'Closed' for name, card in cards.items() if name != 'get_price')
     assert shown(cards['get_user']['SUCCESS']) > 0
     assert page['status'] == 'live'
+    # a long key is shown whole (it wraps), and so is the fallback line with its missing count
+    assert all(card['nameShown'] and card['missingVisible'] for card in page['commands'])
+    assert shown(cards[LONG_KEY]['FALLBACK_MISSING']) > 0
     pools = {pool['name']: pool for pool in page['pools']}
     assert {'default', 'users', 'pricing', 'recommendations', 'inventory'} <= set(pools)
     assert shown(pools['users']['executions']) > 0
@@ -502,5 +551,86 @@ async def _browse(chromium, url, load, tmp_path):
                         and event['params']['entry']['level'] == 'error')]
         assert problems == []
         return page
+    finally:
+        await browser.close()
+
+
+# -- a half-open breaker, and a viewer too many ---------------------------------------------
+
+class Flaky(Command):
+    """Fails until told otherwise; its trial call waits at a gate, so half-open lasts."""
+
+    command_key = 'flaky'
+    circuit_breaker_request_volume_threshold = 2
+    circuit_breaker_sleep_window = 5.0
+    metrics_health_snapshot_interval = 0
+    timeout_enabled = False
+    gate = None
+
+    def run(self):
+        if Flaky.gate is None:
+            raise ConnectionError('upstream down')
+        Flaky.gate.wait(WAIT)
+        return 'fresh'
+
+    def fallback(self):
+        return 'stale'
+
+
+def test_the_dashboard_shows_half_open_and_tells_a_viewer_too_many_why(chromium, clock):
+    for _ in range(2):
+        assert Flaky().execute() == 'stale'
+    assert component.circuit_breaker('flaky').state is BreakerState.OPEN
+    clock.advance(5.0)
+    Flaky.gate = threading.Event()
+    trial = threading.Thread(target=Flaky().execute, daemon=True)
+    live = LiveApp(max_clients=1)
+    base_url = live.start()
+    try:
+        trial.start()
+        deadline = time.monotonic() + WAIT
+        while component.circuit_breaker('flaky').state is not BreakerState.HALF_OPEN:
+            assert time.monotonic() < deadline, 'the trial never started'
+            time.sleep(0.01)
+        found = asyncio.run(asyncio.wait_for(
+            _half_open_and_refused(chromium, base_url), 4 * WAIT))
+    finally:
+        Flaky.gate.set()
+        trial.join(WAIT)
+        Flaky.gate = None
+        live.stop()
+    assert found['state'] == 'half_open'
+    assert found['stateText'].startswith('Half-open')
+    assert found['health'] == 'circuit half-open'
+    assert found['openCount'] == '1'
+    # the second page asked for /blackgate (no slash), was redirected, and was refused
+    assert found['secondUrl'] == base_url + '/blackgate/'
+    assert found['secondStatus'] == 'too many viewers (1 max), retrying…'
+    assert found['secondMessage'].startswith('Too many viewers (1 max)')
+
+
+async def _half_open_and_refused(chromium, base_url):
+    browser = await Browser(chromium).start()
+    try:
+        await browser.call('Page.navigate', session=True, url=base_url + '/blackgate/?delay=100')
+        card = "document.querySelector('article[data-command=\"flaky\"]')"
+        await browser.wait_for(card + " && %s.getAttribute('data-state') == 'half_open'" % card)
+        found = json.loads(await browser.evaluate(
+            '''JSON.stringify({state: %s.getAttribute('data-state'),
+                               stateText: %s.querySelector('.state').textContent,
+                               health: %s.querySelector('.health').getAttribute('data-health'),
+                               openCount: document.querySelector('#summary .open-count').textContent})'''
+            % (card, card, card)))
+        # this page holds the one stream allowed: a second viewer is refused, and told why
+        second = await browser.new_page(base_url + '/blackgate')
+        await browser.wait_for("(document.getElementById('status') || {}).className == 'full'"
+                               " && document.getElementById('no-commands').textContent"
+                               ".indexOf('Too many') == 0", session=second)
+        found.update(json.loads(await browser.evaluate(
+            '''JSON.stringify({secondUrl: location.href,
+                               secondStatus: document.getElementById('status').textContent,
+                               secondMessage: document.getElementById('no-commands').textContent})''',
+            session=second)))
+        return found
     finally:
         await browser.close()

@@ -43,7 +43,7 @@ import time
 import traceback
 
 import pytest
-import urllib3.util.connection
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tornado.httpserver import HTTPServer
@@ -51,7 +51,7 @@ from tornado.netutil import bind_sockets
 import tornado
 import tornado.web
 
-from blackgate import HTTPProxy, HTTPProxyCommand, component
+from blackgate import HTTPProxy, HTTPProxyCommand, component, transport
 
 #: Real seconds: the longest one exchange may take before the test fails.
 WAIT = 10.0
@@ -258,13 +258,13 @@ def rig(system_clock, monkeypatch, caplog):
     component.add('executor_pool', {'group_key': 'fuzz', 'max_workers': 4})
     component.install()
     dialed = []
-    real = urllib3.util.connection.create_connection
+    real = transport.dial
 
-    def create_connection(address, *args, **kwargs):
-        dialed.append(tuple(address))
-        return real(address, *args, **kwargs)
+    async def dial(origin, timeout):
+        dialed.append((origin.host, origin.port))
+        return await real(origin, timeout)
 
-    monkeypatch.setattr(urllib3.util.connection, 'create_connection', create_connection)
+    monkeypatch.setattr(transport, 'dial', dial)
     upstream, elsewhere = Recorder(), Elsewhere()
     gateway = Gateway(upstream.port)
     rig = collections.namedtuple('Rig', 'upstream elsewhere gateway dialed caplog')(

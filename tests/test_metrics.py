@@ -647,3 +647,70 @@ def test_reset_forgets_records_still_waiting_to_be_folded():
     metrics.record((Event.SUCCESS,), 0.001, 0.001)
     assert metrics.rolling_counts()[Event.FAILURE] == 0
     assert metrics.rolling_count(Event.SUCCESS) == 1
+
+
+# -- cumulative counts and histograms (for exporters) -------------------------------------------
+
+def test_cumulative_counts_keep_what_left_the_window_and_what_a_reset_cleared(clock):
+    Dep = command(metrics_rolling_window=10.0, metrics_rolling_buckets=10,
+                  circuit_breaker_request_volume_threshold=1000)
+    for _ in range(3):
+        Dep('ok').execute()
+    Dep('fail').execute()
+    clock.advance(30.0)               # all four have left the window
+    with pytest.raises(BadRequest):
+        Dep('bad').execute()
+    metrics = component.metrics('dep')
+    metrics.reset()                   # what the breaker does when it closes
+    Dep('ok').execute()
+
+    assert counts() == {Event.SUCCESS: 1}
+    cumulative = metrics.cumulative().counts
+    assert {event: n for event, n in cumulative.items() if n} == {
+        Event.SUCCESS: 4, Event.FAILURE: 1, Event.FALLBACK_SUCCESS: 1, Event.BAD_REQUEST: 1}
+
+
+def test_cumulative_counts_survive_new_window_settings(clock):
+    metrics = RollingMetrics('raw', 10.0, 10, 60.0, clock)
+    metrics.record((Event.SUCCESS,), 0.001, 0.001)
+    metrics.record((Event.SUCCESS,), 0.001, 0.001)     # still waiting to be folded
+    metrics.configure(20.0, 20, 60.0)
+    metrics.record((Event.TIMEOUT,), 0.001, 0.001)
+    assert metrics.rolling_counts()[Event.SUCCESS] == 0
+    counted = metrics.cumulative().counts
+    assert (counted[Event.SUCCESS], counted[Event.TIMEOUT]) == (2, 1)
+
+
+def test_a_record_from_before_the_window_still_counts_in_the_total():
+    clock = FakeClock(start=0.0)
+    metrics = RollingMetrics('raw', 10.0, 10, 60.0, clock)
+    clock.advance(30.0)
+    metrics.record((Event.SUCCESS,), 0.002, 0.003)                  # folded: health is due
+    metrics.record((Event.FAILURE,), 0.004, 0.005, now=1.0)         # measured long before
+    assert metrics.rolling_count(Event.FAILURE) == 0
+    cumulative = metrics.cumulative((0.0035,))
+    assert cumulative.counts[Event.FAILURE] == 1
+    assert cumulative.latency.buckets == ((0.0035, 1), (math.inf, 2))
+    assert cumulative.total_latency.buckets == ((0.0035, 1), (math.inf, 2))
+
+
+def test_cumulative_histogram_counts_calls_at_or_under_each_bound(clock):
+    Dep = command()
+    latencies = [0.004] * 5 + [0.030] * 3 + [0.400] * 2
+    for seconds in latencies:
+        Dep(takes(clock, seconds)).execute()
+    histogram = component.metrics('dep').cumulative((0.01, 0.1, 1.0)).latency
+    assert histogram.buckets == ((0.01, 5), (0.1, 8), (1.0, 10), (math.inf, 10))
+    assert histogram.measured == 10
+    assert histogram.seconds == pytest.approx(sum(latencies), rel=PRECISION)
+
+
+def test_cumulative_histogram_without_calls_is_empty():
+    histogram = component.metrics('idle').cumulative((0.5,)).latency
+    assert histogram == (0, 0.0, ((0.5, 0), (math.inf, 0)))
+
+
+@pytest.mark.parametrize('bounds', [(0.1, 0.05), (0.0,), (-1.0,), (0.1, 0.1), (math.inf,)])
+def test_cumulative_bounds_must_ascend_above_zero(bounds):
+    with pytest.raises(ValueError, match='ascending, finite numbers of seconds above 0'):
+        component.metrics('dep').cumulative(bounds)

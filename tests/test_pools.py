@@ -268,6 +268,37 @@ def queued_ran():
     Queued.ran = threading.Event()
     return Queued.ran
 
+# -- what a pool tells of itself ------------------------------------------------------------
+
+def test_a_pool_is_used_once_work_was_submitted_admitted_or_not(gate):
+    pool = install_pool(1, 0)
+    assert not pool.used
+    assert Quick().execute() == 'ran'
+    assert pool.used
+    other = add_pool('refusing', 1, 0)
+    other.shutdown()
+    Refused = type('Refused', (Quick,), {'group_key': 'refusing', 'command_key': 'refused'})
+    assert Refused().execute() == 'fallback'      # refused: a shut-down pool admits nothing
+    assert other.used and other.rejected_count == 1
+
+
+def test_pool_size_counts_the_threads_started_one_per_work_held_at_once(gate):
+    pool = install_pool(6, 0)
+    assert pool.pool_size == 0
+    held = [in_thread(Held(gate).execute) for _ in range(4)]
+    assert gate.wait_started(4)
+    # The submitting thread records a thread it started just after starting it, so the
+    # count may trail the runs by a moment; it never goes past the four.
+    pause = threading.Event()
+    for _ in range(500):
+        if pool.pool_size == 4:
+            break
+        pause.wait(0.01)
+    assert pool.pool_size == 4
+    gate.open()
+    assert [future.result(WAIT) for future in held] == ['ran'] * 4
+    assert pool.pool_size == 4                    # ThreadPoolExecutor keeps its threads
+
 
 def test_time_waiting_in_the_queue_counts_against_the_timeout(clock, gate, queued_ran):
     pool = install_pool(max_workers=1, max_queue_size=1)

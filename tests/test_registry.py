@@ -297,6 +297,24 @@ def test_reset_forgets_listeners():
     assert recorder.calls == []
 
 
+def test_reset_calls_on_reset_of_each_listener_once_it_is_forgotten():
+    told = []
+
+    class Exporter:
+        def on_reset(self):
+            told.append(component_has_listener())
+
+    def component_has_listener():
+        Flaky(fail=True).execute()      # would reach a listener still registered
+        return recorder.calls
+
+    recorder = Recorder()
+    component.add_listener(Exporter())  # a listener with on_reset() alone is accepted
+    component.add_listener(recorder)
+    component.reset()
+    assert told == [[]]
+
+
 def test_reset_puts_a_system_clock_back(clock):
     component.reset()
     assert component.clock is not clock

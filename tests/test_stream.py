@@ -303,10 +303,11 @@ async def test_command_event_has_every_field_the_hystrix_dashboard_reads(streams
     assert data['rollingCountFallbackSuccess'] == 3
     assert data['currentConcurrentExecutionCount'] == 0
     assert data['rollingMaxConcurrentExecutionCount'] == 1   # one call at a time
+    assert data['rollingCountExceptionsThrown'] == 1   # the bad request raised to its caller
     for field in ('rollingCountTimeout', 'rollingCountShortCircuited',
                   'rollingCountThreadPoolRejected', 'rollingCountSemaphoreRejected',
                   'rollingCountFallbackFailure', 'rollingCountFallbackRejection',
-                  'rollingCountFallbackMissing', 'rollingCountExceptionsThrown',
+                  'rollingCountFallbackMissing',
                   'rollingCountResponsesFromCache', 'rollingCountCollapsedRequests',
                   'currentConcurrentExecutionCount'):
         assert data[field] == 0, field
@@ -488,6 +489,114 @@ async def test_pool_event_has_every_field_the_hystrix_dashboard_reads(streams, c
     assert data['currentTaskCount'] == 3
     assert data['rollingCountThreadsExecuted'] == 3
     assert data['rollingMaxActiveThreads'] == 2
+    assert data['currentPoolSize'] == data['currentLargestPoolSize'] == 2
+
+
+# -- Java Hystrix 1.5's values ---------------------------------------------------------------
+# rollingCountExceptionsThrown sums, over the window, the events of Hystrix's
+# EXCEPTION_PRODUCING_EVENT_TYPES: BAD_REQUEST, FALLBACK_FAILURE, FALLBACK_DISABLED
+# (our FALLBACK_MISSING), FALLBACK_MISSING and FALLBACK_REJECTION. A pool's
+# rollingMaxActiveThreads is the rolling maximum (over the window, bucket by bucket) of
+# the concurrency each of its commands had as it started. currentPoolSize and
+# currentLargestPoolSize are the executor's threads.
+
+class Picky(Command):
+    group_key = 'lookups'
+    command_key = 'picky'
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def run(self):
+        if self.outcome == 'bad':
+            raise BadRequest('no such id')
+        raise ConnectionError('upstream down')
+
+    def fallback(self):
+        if self.outcome == 'fallback fails':
+            raise LookupError('no cached copy either')
+        return 'stale'
+
+
+@pytest.mark.gen_test
+async def test_exceptions_thrown_counts_bad_requests_and_failed_or_missing_fallbacks(streams,
+                                                                                    clock):
+    add_pool('lookups', 4)
+    component.install()
+    for outcome in ('bad', 'bad', 'fallback fails'):
+        with pytest.raises(Exception):
+            await Picky(outcome).queue()
+    assert await Picky('fails').queue() == 'stale'       # fell back: nothing thrown
+    for _ in range(2):
+        with pytest.raises(Exception):
+            await Sick().queue()                          # no fallback: FALLBACK_MISSING
+
+    stream = await streams()
+    picky = await stream.sample('picky')
+    assert (picky['rollingCountBadRequests'], picky['rollingCountFallbackFailure'],
+            picky['rollingCountFallbackSuccess']) == (2, 1, 1)
+    assert picky['rollingCountExceptionsThrown'] == 2 + 1
+    sick = await stream.sample('sick')
+    assert sick['rollingCountExceptionsThrown'] == 2
+    clock.advance(11.0)                                    # out of the 10 s window
+    assert (await stream.fresh_sample('picky'))['rollingCountExceptionsThrown'] == 0
+
+
+@pytest.mark.gen_test
+async def test_pool_size_is_the_threads_started_and_max_active_rolls_with_the_window(streams,
+                                                                                    clock):
+    add_pool('tight', max_workers=6)
+    component.install()
+    gates = [Gate() for _ in range(4)]
+    try:
+        held = [asyncio.ensure_future(HeldLookup(gate).queue()) for gate in gates]
+        await until(lambda: all(gate.entered.is_set() for gate in gates))
+        stream = await streams()
+        data = await stream.sample('tight', 'HystrixThreadPool')
+        assert data['currentCorePoolSize'] == data['currentMaximumPoolSize'] == 6
+        assert data['currentPoolSize'] == data['currentLargestPoolSize'] == 4
+        assert data['currentActiveCount'] == 4
+        assert data['rollingMaxActiveThreads'] == 4
+    finally:
+        for gate in gates:
+            gate.opened.set()
+    assert [await future for future in held] == ['late'] * 4
+    clock.advance(3.0)
+    opened = Gate()
+    opened.open()
+    assert await HeldLookup(opened).queue() == 'late'      # alone, 3 s later
+    data = await stream.fresh_sample('tight', 'HystrixThreadPool')
+    assert data['rollingMaxActiveThreads'] == 4            # the four are still in the window
+    clock.advance(8.0)                                     # they have left it; the one has not
+    data = await stream.fresh_sample('tight', 'HystrixThreadPool')
+    assert data['rollingMaxActiveThreads'] == 1
+    assert data['currentPoolSize'] == data['currentLargestPoolSize'] == 4
+    assert data['currentActiveCount'] == 0
+
+
+async def one_round(stream, first):
+    """(type, name) of every event of one sample, which starts with the command ``first``."""
+    await stream.fresh_sample(first)
+    names = [('HystrixCommand', first)]
+    while True:
+        data = await stream.next_data()
+        if (data['type'], data['name']) == names[0]:
+            return names
+        names.append((data['type'], data['name']))
+
+
+@pytest.mark.gen_test
+async def test_a_pool_is_streamed_only_once_work_was_submitted_to_it(streams, clock):
+    add_pool('lookups', 4)
+    add_pool('spare', 2)
+    component.install()
+    await Search().queue()                                 # async def run(): no pool
+    stream = await streams()
+    assert await one_round(stream, 'search') == [('HystrixCommand', 'search')]
+    await Lookup(clock).queue()
+    assert await one_round(stream, 'lookup') == [
+        ('HystrixCommand', 'lookup'), ('HystrixCommand', 'search'),
+        ('HystrixThreadPool', 'lookups')]                  # not 'spare', nor 'default'
 
 
 @pytest.mark.gen_test
@@ -499,12 +608,11 @@ async def test_every_pool_is_streamed_after_every_command(streams, clock):
     await Search().queue()
     stream = await streams()
     order = []
-    while len(order) < 5:
+    while len(order) < 3:
         data = await stream.next_data()
         order.append((data['type'], data['name']))
     assert order == [('HystrixCommand', 'lookup'), ('HystrixCommand', 'search'),
-                     ('HystrixThreadPool', 'default'), ('HystrixThreadPool', 'lookups'),
-                     ('HystrixThreadPool', 'tight')]
+                     ('HystrixThreadPool', 'lookups')]   # 'tight' and 'default' ran nothing
 
 
 # -- delay, client limit, clean-up -----------------------------------------------------------
@@ -541,9 +649,12 @@ async def test_a_delay_that_is_not_a_sane_number_of_milliseconds_is_a_400(stream
 
 def test_routes_are_the_dashboard_and_the_stream():
     assert routes() == [('/blackgate/', DashboardHandler),
-                        ('/blackgate/hystrix.stream', MetricsStreamHandler)]
+                        ('/blackgate/hystrix.stream', MetricsStreamHandler),
+                        ('/blackgate', tornado.web.RedirectHandler, {'url': '/blackgate/'})]
     assert routes('/ops/') == [('/ops/', DashboardHandler),
-                               ('/ops/hystrix.stream', MetricsStreamHandler)]
+                               ('/ops/hystrix.stream', MetricsStreamHandler),
+                               ('/ops', tornado.web.RedirectHandler, {'url': '/ops/'})]
+    assert routes('') == [('/', DashboardHandler), ('/hystrix.stream', MetricsStreamHandler)]
     assert routes('/ops', max_clients=2)[1] == ('/ops/hystrix.stream', MetricsStreamHandler,
                                                 {'max_clients': 2})
 
