@@ -10,14 +10,16 @@ import logging
 from .command import Command
 from .errors import BadRequest, BlackgateError, CommandError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event, FailureType
+from .logs import BugReporter
 from .proxy import HTTPProxy, HTTPProxyCommand
 from .registry import Component, component
 
-__version__ = '0.2.0.dev0'
+__version__ = '1.0.0.dev0'
 
-# A library logs; the application decides where records go (and nothing reaches
-# stderr through logging.lastResort when it has not configured logging).
-logging.getLogger('blackgate').addHandler(logging.NullHandler())
+# A library logs; the application decides where records go. Nothing reaches stderr
+# when it has not configured logging, except the first bug in each command's run()
+# (see blackgate/logs.py): a NameError answered by the fallback must not vanish.
+logging.getLogger('blackgate').addHandler(BugReporter())
 
 __all__ = (
     'Command',

@@ -19,14 +19,16 @@ import asyncio
 import inspect
 import logging
 import sys
+import types
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .breaker import DENY, TRIAL
 from .clock import TimeoutError as _WaitTimeout
-from .config import COMMAND_DEFAULTS, CommandSettings, check_value
+from .config import COMMAND_DEFAULTS, CommandSettings, check_class_attributes, check_value
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
+from .logs import BUG_ATTRIBUTE, PROGRAMMING_ERRORS
 from .registry import component
 
 __all__ = ('Command', 'DeferredOutcome')
@@ -35,6 +37,7 @@ log = logging.getLogger('blackgate')
 
 _get_running_loop = asyncio._get_running_loop   # public in asyncio.events.__all__; cheap, no raise
 _EAGER = sys.version_info >= (3, 12)
+_COROUTINE = types.CoroutineType
 
 # Module constants: reading Event.X goes through the enum's metaclass (50 ns on 3.11).
 SUCCESS = Event.SUCCESS
@@ -58,6 +61,8 @@ _QUIET_PRIMARY = frozenset((SHORT_CIRCUITED, THREAD_POOL_REJECTED,
 _BUILT_CAUSE = frozenset((SHORT_CIRCUITED, SEMAPHORE_REJECTED, TIMEOUT))
 # primary event -> the events of an execution whose fallback then returned
 _FELL_BACK = {event: (event, FALLBACK_SUCCESS) for event in Event}
+# primary event -> what `events` reads while the fallback runs, so fallback() can see why
+_PRIMARY = {event: (event,) for event in Event}
 
 
 class _Runtime:
@@ -156,11 +161,14 @@ class Command:
     _bg_exception: Optional[BaseException] = None
     _bg_execution_time: Optional[float] = None
     _bg_decided = False
+    # set by queue() and by the record step; None only before an execute() records
+    _bg_rt: _Runtime = None  # type: ignore[assignment]
 
     _bg_explicit_key = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        check_class_attributes('command class %s' % (cls.__qualname__,), vars(cls))
         if 'command_key' in vars(cls):
             cls._bg_explicit_key = True
         elif not cls._bg_explicit_key:
@@ -527,14 +535,32 @@ class Command:
         failed.__cause__ = error
         return (event, FALLBACK_FAILURE), failed
 
+    def _bg_before_fallback(self, rt: _Runtime, event: Event,
+                            error: Optional[BaseException]) -> None:
+        # What fallback() may read (Hystrix's getExecutionException()): the primary event,
+        # and the cause (built from the event on first read when `error` is None).
+        self._bg_events = _PRIMARY[event]
+        if error is not None:
+            self._bg_exception = error
+
     def _bg_fail_sync(self, rt: _Runtime, token: int, event: Event, start: float,
                       elapsed: Optional[float], error: Optional[BaseException] = None) -> Any:
         # `error` is what run() raised; None means the cause is built from `event`,
         # and only when somebody needs it.
         permits = rt.state.fallback_permits
         if rt.has_fallback and permits.try_acquire():
+            # what fallback() may read of why it runs (inline: this is the forced-open path)
+            self._bg_events = _PRIMARY[event]
+            if error is not None:
+                self._bg_exception = error
             try:
                 value = self.fallback()
+                if type(value) is _COROUTINE:   # from a plain def: nothing here can await it
+                    value.close()
+                    raise TypeError(
+                        '%s.fallback() returned a coroutine, which execute() cannot await; make '
+                        'fallback() return its value, or use `await cmd.queue()`'
+                        % (type(self).__name__,))
             except BaseException as exc:   # counted even if it is KeyboardInterrupt
                 permits.release()
                 cause = _cause(rt, event, error)
@@ -560,6 +586,7 @@ class Command:
             denied.__cause__ = cause
             self._bg_resolve(rt, events, denied, elapsed, cause)
             return
+        self._bg_before_fallback(rt, event, error)
         try:
             value = self.fallback()
         except BaseException as exc:   # the future must resolve whatever the fallback raised
@@ -570,7 +597,7 @@ class Command:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return
-        if not rt.fallback_is_async:
+        if not rt.fallback_is_async and type(value) is not _COROUTINE:
             permits.release()
             self._bg_resolve(rt, _FELL_BACK[event], None, elapsed, error, value)
             return
@@ -680,8 +707,9 @@ class Command:
         if cause is None and self._bg_events and self._bg_events[0] in _BUILT_CAUSE:
             # Built on first read (nobody reads most short-circuits' causes); setdefault
             # makes two threads reading at once agree on one object.
-            cause = self.__dict__.setdefault('_bg_exception',
-                                             _cause(self._bg_rt, self._bg_events[0]))
+            # (read inside an execute() fallback, before the record step set _bg_rt)
+            rt = self._bg_rt or _runtime(type(self))
+            cause = self.__dict__.setdefault('_bg_exception', _cause(rt, self._bg_events[0]))
         return cause
 
     @property
@@ -715,6 +743,8 @@ def _cause(rt: _Runtime, event: Event, raised: Optional[BaseException] = None
         return ShortCircuited('%s: circuit breaker is open' % (key,))
     if event is THREAD_POOL_REJECTED:
         pool = rt.pool
+        while pool.successor is not None:   # replaced by install(): the one that refused
+            pool = pool.successor
         if pool.is_shut_down:
             return Rejected('%s: executor pool %r is shut down' % (key, pool.group_key))
         return Rejected('%s: executor pool %r is full (%d workers busy, %d of %d queue slots '
@@ -743,9 +773,13 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
     if error is not None and error.fallback_exception is not None:
         fallback_error = error.fallback_exception
         outcome += ' (%s: %s)' % (type(fallback_error).__name__, fallback_error)
+    # A bug in run() is marked, so that a program that configured no logging still sees it
+    # once per command key (blackgate/logs.py); configured logging is not affected.
+    extra = ({BUG_ATTRIBUTE: rt.command_key}
+             if primary is FAILURE and isinstance(cause, PROGRAMMING_ERRORS) else None)
     log.log(level, '%s %s: %s -> %s', rt.command_key, primary.value,
             '%s: %s' % (type(cause).__name__, cause) if cause is not None else '-',
-            outcome, exc_info=exc_info)
+            outcome, exc_info=exc_info, extra=extra)
 
 
 class DeferredOutcome:

@@ -28,6 +28,7 @@ __all__ = (
     'check_command_mapping',
     'check_pool_mapping',
     'check_value',
+    'check_class_attributes',
 )
 
 #: Seconds before the caller stops waiting and gets the fallback.
@@ -117,8 +118,10 @@ SHARED_PER_KEY = tuple(
 # -- validation ---------------------------------------------------------------------------
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if isinstance(value, float):
+        return math.isfinite(value)
+    # Any int is finite; math.isfinite() would raise OverflowError on one beyond a float.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_int(value: Any) -> bool:
@@ -205,10 +208,60 @@ def _check_keys(owner: str, mapping: Mapping[str, Any], allowed: Iterable[str]) 
                               % (owner, key, hint, ', '.join(allowed)))
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of neighbours turning ``a`` into ``b``."""
+    previous, current = None, list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        before, previous, current = previous, current, [i] + [0] * len(b)
+        for j, other in enumerate(b, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1,
+                             previous[j - 1] + (char != other))
+            if (i > 1 and j > 1 and char == b[j - 2] and a[i - 2] == other
+                    and before is not None):
+                current[j] = min(current[j], before[j - 2] + 1)
+    return current[-1]
+
+
+def _snake_case(name: str) -> str:
+    return ''.join('_' + char.lower() if char.isupper() else char for char in name).lstrip('_')
+
+
+def _near_setting(name: str) -> Any:
+    """The setting that ``name`` looks like a misspelling of, or None."""
+    snake = _snake_case(name)
+    if snake in _COMMAND_KEYS:
+        return snake   # groupKey, circuitBreakerSleepWindow: Hystrix's spelling
+    budget = 1 if len(name) < 8 else 2
+    best = min(_COMMAND_KEYS, key=lambda key: _edit_distance(snake, key))
+    return best if _edit_distance(snake, best) <= budget else None
+
+
+def check_class_attributes(owner: str, attributes: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a class attribute that looks like a misspelt setting.
+
+    ``timout = 5`` or ``groupKey = 'x'`` would otherwise be ignored. Names starting
+    with ``_``, methods and descriptors are not checked.
+    """
+    for name, value in attributes.items():
+        if name.startswith('_') or name in _COMMAND_KEYS:
+            continue
+        if callable(value) or hasattr(value, '__get__'):   # methods, properties, classmethods
+            continue
+        close = _near_setting(name)
+        if close is not None:
+            raise ConfigError(
+                '%s: class attribute %r is not a setting (did you mean %r?); if it is yours, '
+                'not a misspelt setting, name it %r or set it in __init__()'
+                % (owner, name, close, '_' + name))
+
+
 def _require_mapping(owner: str, value: Any, example: str) -> None:
     if not isinstance(value, Mapping):
-        raise ConfigError('%s: expected a dict, got %s %r; write it as %s'
-                          % (owner, type(value).__name__, value, example))
+        shown = repr(value)
+        if isinstance(value, (set, frozenset)):   # in a stable order, not the hashes' order
+            shown = '{%s}' % (', '.join(sorted(map(repr, value))),)
+        raise ConfigError('%s: expected a dict, got %s %s; write it as %s'
+                          % (owner, type(value).__name__, shown, example))
 
 
 def check_command_mapping(owner: str, value: Any, *, needs_key: bool) -> Dict[str, Any]:

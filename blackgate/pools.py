@@ -20,6 +20,7 @@ import threading
 from typing import Any, Callable, List, Optional
 
 from .config import PoolSettings
+from .workers import Workers
 
 __all__ = ('ExecutorPool', 'Permits')
 
@@ -84,8 +85,8 @@ class ExecutorPool:
         #: work that may wait for a worker before more is rejected
         self.max_queue_size = settings.max_queue_size
         self._capacity = settings.max_workers + settings.max_queue_size
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            settings.max_workers, thread_name_prefix='blackgate-%s' % (settings.group_key,))
+        # Daemon threads that run work in its submitter's context (see workers.py).
+        self._executor = Workers(settings.max_workers, 'blackgate-%s' % (settings.group_key,))
         self._lock = threading.Lock()   # only for the rare updates below, never per call
         # One slot per admitted, unfinished run, taken and given back without a lock.
         slots = self._slots = Permits(self._capacity)
@@ -101,8 +102,10 @@ class ExecutorPool:
 
         self._release = release
         self._largest = 0
-        #: True once shutdown() was called: every submission is refused
+        #: True once shutdown() was called: every submission is refused (or passed on)
         self.is_shut_down = False
+        #: the pool that replaced this one (see :meth:`retire`), or None
+        self.successor: Optional['ExecutorPool'] = None
 
     def try_submit(self, fn: Callable[..., Any], *args: Any
                    ) -> Optional[concurrent.futures.Future]:
@@ -115,6 +118,8 @@ class ExecutorPool:
 
         Two callers racing for the last slot may both be refused, never both admitted.
         """
+        if self.successor is not None:   # replaced by install(): the new pool decides
+            return self.successor.try_submit(fn, *args)
         slots = self._slots
         if not slots.try_acquire():
             return None
@@ -125,7 +130,10 @@ class ExecutorPool:
                     self._largest = admitted
         try:
             return self._executor.submit(fn, self._release, *args)
-        except RuntimeError:  # shut down: refuse like a full pool
+        except RuntimeError:  # shut down: refuse like a full pool, unless replaced meanwhile
+            if self.successor is not None:
+                slots.release()
+                return self.successor.try_submit(fn, *args)
             slots.release_refused()
             return None
 
@@ -200,10 +208,24 @@ class ExecutorPool:
         """The most workers ever busy at once."""
         return min(self._largest, self.max_workers)
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Refuse new work; with ``wait``, return when running and queued work has finished."""
+    def retire(self, successor: 'ExecutorPool') -> None:
+        """Hand new work to ``successor`` from now on; finish what was admitted, then stop.
+
+        ``install()`` replaces a pool this way when its settings change, so that a
+        call that still holds this pool is never refused for it (its work goes to
+        ``successor``), while the work it already runs drains on its own threads.
+        """
+        self.successor = successor   # first: a submission refused from here on is passed on
+        self.shutdown(wait=False)
+
+    def shutdown(self, wait: bool = True, timeout: Optional[float] = None) -> List[str]:
+        """Refuse new work; with ``wait``, return when running and queued work has finished.
+
+        With a ``timeout`` (seconds), return after it at the latest. Returns the
+        workers still busy (``'thread name: what it runs'``), empty when all finished.
+        """
         self.is_shut_down = True
-        self._executor.shutdown(wait=wait)
+        return self._executor.shutdown(wait=wait, timeout=timeout)
 
     def __repr__(self) -> str:
         return '<ExecutorPool %s %d/%d active, %d/%d queued>' % (

@@ -216,14 +216,32 @@ class Component:
                 state.breaker.store = None
             store.stop()
 
-    def shutdown(self) -> None:
-        """Stop every pool, waiting for running and queued work; ``install()`` starts them again."""
+    def shutdown(self, timeout: Optional[float] = None) -> List[str]:
+        """Stop every pool, waiting for running and queued work; ``install()`` starts them again.
+
+        A ``run()`` cannot be interrupted, so one that never returns would keep this
+        waiting: with ``timeout`` (seconds for the whole shutdown) it returns after that
+        at the latest, logs a warning naming the workers still busy and returns them
+        (``'thread name: what it runs'``); empty when everything finished.
+        """
         with self._lock:
             pools = list(self._pools.values())
             self._runtimes.clear()
             self._stop_store()
         for pool in pools:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=False)   # every pool stops admitting at once
+        # Threads are joined in real time, whatever clock the component has.
+        monotonic = SystemClock.monotonic
+        deadline = None if timeout is None else monotonic() + timeout
+        stuck: List[str] = []
+        for pool in pools:
+            left = None if deadline is None else max(0.0, deadline - monotonic())
+            stuck += pool.shutdown(wait=True, timeout=left)
+        if stuck:
+            log.warning('component.shutdown(timeout=%s): %d worker(s) still busy, left running '
+                        '(daemon threads: they do not keep the process alive): %s',
+                        timeout, len(stuck), '; '.join(stuck))
+        return stuck
 
     def reset(self) -> None:
         """Shut down, then forget all configuration, pools, breakers, metrics and listeners.
@@ -425,7 +443,7 @@ class Component:
             return old
         pool = self._pools[settings.group_key] = ExecutorPool(settings)
         if old is not None:
-            old.shutdown(wait=False)
+            old.retire(pool)   # calls still holding it are passed on; its work drains
         return pool
 
     def __repr__(self) -> str:
@@ -447,9 +465,11 @@ def _check_same_key(owner: str, settings: CommandSettings, other_owner: str,
 
 
 def _call_listener(method: Callable[..., Any], *args: Any) -> None:
+    # Whatever a listener raises, a BaseException too (CancelledError, SystemExit, ...), stays
+    # here: escaping, it would break the command that called it or leave a future pending.
     try:
         method(*args)
-    except Exception:
+    except BaseException:
         log.exception('blackgate listener %r raised; ignored', method)
 
 

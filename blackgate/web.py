@@ -220,8 +220,8 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
                      sample['propertyValue_metricsRollingStatisticalWindowInMilliseconds'])
     in_flight = pool.in_flight
     completed = pool.completed_count
-    # A ThreadPoolExecutor never stops a thread before shutdown: the threads it has
-    # started are its size now, and the largest it ever had.
+    # A pool's Workers never stop a thread before shutdown: the threads they have
+    # started are the pool's size now, and the largest it ever had.
     threads = pool.pool_size
     return {
         'type': 'HystrixThreadPool',

@@ -245,6 +245,13 @@ async def wait_for_sleep_window(watcher):
     await asyncio.sleep(max(delay, 0))
 
 
+#: the settings the demo shrinks, with Hystrix's default of each
+SHRUNK = [('circuit_breaker_request_volume_threshold', 20),
+          ('circuit_breaker_sleep_window', 5.0),
+          ('metrics_rolling_window', 10.0),
+          ('metrics_health_snapshot_interval', 0.5)]
+
+
 def configure(base_url, watcher):
     GetPrice.base_url = base_url
     component.add('executor_pool', {'group_key': 'pricing', 'max_workers': 4})
@@ -261,6 +268,10 @@ def configure(base_url, watcher):
     })
     component.add_listener(watcher)
     component.install()
+    settings = component.circuit_breaker('get_price').settings
+    say('thresholds shrunk so that the story plays fast (Hystrix defaults in brackets): '
+        + ', '.join('%s=%g [%g]' % (name, getattr(settings, name), default)
+                    for name, default in SHRUNK))
 
 
 async def story(upstream, watcher):

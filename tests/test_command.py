@@ -7,6 +7,8 @@ every wait on a thread is bounded by ``WAIT``. The commands that test_queue.py
 uses too (``Held``, ``Tiny`` and their variants) come from support.py.
 """
 import asyncio
+import contextvars
+import gc
 import logging
 import pathlib
 import subprocess
@@ -1164,3 +1166,243 @@ def test_nothing_is_printed_when_the_application_has_not_configured_logging():
                           cwd=repo, timeout=30)
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ('', '')
+
+
+# -- fallback() sees why it runs (issue 18, point 3) ------------------------------------------
+
+class Introspective(Command):
+    """fallback() records what the instance tells of the execution while it runs."""
+    command_key = 'introspective'
+    timeout = 0.5
+
+    def __init__(self, how):
+        self.how = how
+
+    def run(self):
+        raise ConnectionError('upstream down')
+
+    def _record(self):
+        self.seen = {'events': self.events, 'cause': self.execution_exception,
+                     'failed': self.is_failed_execution,
+                     'short_circuited': self.is_response_short_circuited,
+                     'rejected': self.is_response_rejected,
+                     'timed_out': self.is_response_timed_out}
+
+    def fallback(self):
+        self._record()
+        return 'stale'
+
+
+class AsyncRunIntrospective(Introspective):
+    command_key = 'introspective_async_run'
+    max_concurrent_requests = 0   # every call is SEMAPHORE_REJECTED
+
+    async def run(self):
+        raise ConnectionError('upstream down')
+
+
+class AsyncFallbackIntrospective(Introspective):
+    async def fallback(self):
+        await asyncio.sleep(0)   # still readable after the fallback awaited
+        self._record()
+        return 'stale'
+
+
+class NeverAnswers(Introspective):
+    command_key = 'never_answers'
+
+    async def run(self):
+        await asyncio.Event().wait()
+
+
+def _queued(cmd, clock=None):
+    async def scenario():
+        future = cmd.queue()
+        if clock is not None:
+            await asyncio.sleep(0)
+            clock.advance(cmd.timeout)
+        return await future
+    return asyncio.run(asyncio.wait_for(scenario(), WAIT))
+
+
+@pytest.mark.parametrize('cls, driver', [(Introspective, 'execute'), (Introspective, 'queue'),
+                                         (AsyncFallbackIntrospective, 'queue')])
+def test_fallback_sees_the_failure_and_the_exception_run_raised(cls, driver):
+    cmd = cls('fail')
+    assert (cmd.execute() if driver == 'execute' else _queued(cmd)) == 'stale'
+    assert cmd.seen['events'] == (Event.FAILURE,)
+    assert isinstance(cmd.seen['cause'], ConnectionError)
+    assert cmd.seen['cause'] is cmd.execution_exception
+    assert cmd.seen['failed'] is True
+
+
+@pytest.mark.parametrize('driver', ['execute', 'queue'])
+def test_fallback_sees_the_short_circuit_and_its_cause(driver):
+    component.add('command', {'command_key': 'introspective', 'circuit_breaker_force_open': True})
+    component.install()
+    cmd = Introspective('fail')
+    assert (cmd.execute() if driver == 'execute' else _queued(cmd)) == 'stale'
+    assert cmd.seen['events'] == (Event.SHORT_CIRCUITED,)
+    assert cmd.seen['short_circuited'] is True
+    assert 'forced open' in str(cmd.seen['cause'])
+    assert cmd.seen['cause'] is cmd.execution_exception
+
+
+def test_fallback_sees_the_semaphore_rejection():
+    cmd = AsyncRunIntrospective('fail')
+    assert _queued(cmd) == 'stale'
+    assert cmd.seen['events'] == (Event.SEMAPHORE_REJECTED,)
+    assert cmd.seen['rejected'] is True
+    assert 'max_concurrent_requests' in str(cmd.seen['cause'])
+
+
+def test_fallback_sees_the_timeout(clock):
+    cmd = NeverAnswers('hang')
+    assert _queued(cmd, clock) == 'stale'
+    assert cmd.seen['events'] == (Event.TIMEOUT,)
+    assert cmd.seen['timed_out'] is True
+    assert isinstance(cmd.seen['cause'], TimeoutError)
+
+
+# -- a plain fallback() that returns a coroutine (issue 18, point 9) --------------------------
+
+class CoroutineFallback(Command):
+    """fallback() is a plain def that hands back a coroutine (forgot the async, or a helper)."""
+    command_key = 'coroutine_fallback'
+
+    def run(self):
+        raise ConnectionError('upstream down')
+
+    async def _stale(self):
+        await asyncio.sleep(0)
+        return 'stale'
+
+    def fallback(self):
+        return self._stale()
+
+
+def test_execute_refuses_a_coroutine_from_a_plain_fallback_clearly(recwarn):
+    cmd = CoroutineFallback()
+    with pytest.raises(CommandError) as caught:
+        cmd.execute()
+    assert cmd.events == (Event.FAILURE, Event.FALLBACK_FAILURE)
+    assert 'returned a coroutine' in str(caught.value.fallback_exception)
+    assert 'queue()' in str(caught.value.fallback_exception)
+    del cmd, caught
+    gc.collect()
+    assert not [w for w in recwarn.list if 'was never awaited' in str(w.message)]
+
+
+def test_queue_awaits_a_coroutine_from_a_plain_fallback():
+    async def scenario():
+        cmd = CoroutineFallback()
+        return cmd, await cmd.queue()
+    cmd, result = asyncio.run(asyncio.wait_for(scenario(), WAIT))
+    assert result == 'stale'
+    assert cmd.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+
+
+# -- run() sees the caller's contextvars (issue 18, point 6) ----------------------------------
+
+REQUEST_ID = contextvars.ContextVar('request_id', default=None)
+
+
+class ReadsContext(Command):
+    """run() answers the caller's request id, then sets its own (which must not leak)."""
+    command_key = 'reads_context'
+
+    def run(self):
+        seen = REQUEST_ID.get()
+        REQUEST_ID.set('set-by-run')
+        return seen
+
+
+class AsyncReadsContext(ReadsContext):
+    command_key = 'async_reads_context'
+
+    async def run(self):
+        return ReadsContext.run(self)
+
+
+def _in_context(request_id, driver, cls=ReadsContext):
+    """Call ``cls`` with REQUEST_ID set to ``request_id``, in a context of its own."""
+    def call():
+        REQUEST_ID.set(request_id)
+        if driver == 'execute':
+            result = cls().execute()
+        else:
+            async def queued():
+                return await cls().queue()
+            result = asyncio.run(asyncio.wait_for(queued(), WAIT))
+        assert REQUEST_ID.get() == request_id   # what run() set stayed in its copy
+        return result
+    return contextvars.Context().run(call)
+
+
+@pytest.mark.parametrize('cls, driver', [(ReadsContext, 'execute'), (ReadsContext, 'queue'),
+                                         (AsyncReadsContext, 'queue')])
+def test_run_sees_the_contextvars_its_caller_set(cls, driver):
+    add_pool('default', 1)   # one worker: every call runs on the same thread
+    assert [_in_context(request_id, driver, cls) for request_id in ('a', 'b', None)] == \
+        ['a', 'b', None]
+
+
+# -- a bug in run() is seen even with no logging configured (issue 18, point 2) ---------------
+
+BUGGY_PROGRAM = textwrap.dedent('''
+    import asyncio, logging, sys
+    from blackgate import Command
+
+    if 'configured' in sys.argv:
+        logging.basicConfig(format='configured: %(message)s')
+
+    class GetUser(Command):
+        def run(self):
+            if 'dependency' in sys.argv:
+                raise ConnectionError('session service refused the connection')
+            return undefined_name
+
+        def fallback(self):
+            return None
+
+    class GetCart(GetUser):
+        async def run(self):
+            return GetUser.run(self)
+
+    async def queued():
+        return await GetCart().queue()
+
+    answers = [GetUser().execute(), GetUser().execute(), asyncio.run(queued())]
+    print(answers)
+''')
+
+
+def run_program(tmp_path, *args):
+    program = tmp_path / 'buggy.py'
+    program.write_text(BUGGY_PROGRAM)
+    result = subprocess.run([sys.executable, str(program)] + list(args),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[None, None, None]'   # the fallback answered every call
+    return result.stderr
+
+
+def test_a_bug_in_run_reaches_stderr_once_per_command_key_when_nothing_configured_logging(
+        tmp_path):
+    stderr = run_program(tmp_path)
+    assert stderr.count("NameError: name 'undefined_name' is not defined") == 4   # 2 x (line + tb)
+    assert stderr.count('GetUser FAILURE: NameError') == 1
+    assert stderr.count('GetCart FAILURE: NameError') == 1
+    assert 'configured no logging' in stderr
+    assert stderr.count('Traceback') == 2 and 'return undefined_name' in stderr
+
+
+def test_a_dependency_failure_stays_quiet_when_nothing_configured_logging(tmp_path):
+    assert run_program(tmp_path, 'dependency') == ''
+
+
+def test_configured_logging_gets_every_failure_once_and_nothing_more(tmp_path):
+    stderr = run_program(tmp_path, 'configured')
+    lines = [line for line in stderr.splitlines() if line.startswith('configured: ')]
+    assert len(lines) == 3 and all('FAILURE: NameError' in line for line in lines)
+    assert 'configured no logging' not in stderr

@@ -568,6 +568,22 @@ def test_invalid_value_raises_config_error_naming_key_value_and_allowed(where, k
     assert allowed in message
 
 
+NUMERIC_KEYS = [key for key in KEYS if type(BUILT_INS[key]) in (int, float)]
+
+
+@pytest.mark.parametrize('where', ['add_command', 'set_command_defaults', 'class_attribute'])
+@pytest.mark.parametrize('key', NUMERIC_KEYS)
+def test_int_too_large_for_a_float_is_a_config_error_not_an_overflow(where, key):
+    error = raise_config_error_from(where, key, 10 ** 400)
+    assert key in str(error) and 'out of range' in str(error)
+
+
+@pytest.mark.parametrize('key', ['max_workers', 'max_queue_size'])
+def test_pool_size_too_large_for_a_float_is_a_config_error_not_an_overflow(key):
+    with pytest.raises(ConfigError, match='%s=.* is out of range' % (key,)):
+        component.add('executor_pool', {'group_key': 'huge', key: 10 ** 400})
+
+
 def test_config_error_is_a_value_error_and_a_blackgate_error():
     error = raise_config_error_from('add_command', 'timeout', -1.0)
     assert isinstance(error, ValueError)
@@ -842,3 +858,45 @@ def test_any_invalid_value_raises_config_error_naming_the_key(data, key, where):
     fresh_component()
     error = raise_config_error_from(where, key, value)
     assert key in str(error)
+
+
+# -- misspelt class attributes (issue 18, point 4) ---------------------------------------------
+
+@pytest.mark.parametrize('name, value, meant', [
+    ('timout', 5, 'timeout'),
+    ('fallback_enable', False, 'fallback_enabled'),
+    ('groupKey', 'x', 'group_key'),
+    ('commandKey', 'x', 'command_key'),
+    ('circuit_breaker_sleep_windw', 1.0, 'circuit_breaker_sleep_window'),
+    ('circuitBreakerForceOpen', True, 'circuit_breaker_force_open'),
+    ('max_concurent_requests', 3, 'max_concurrent_requests'),
+])
+def test_class_attribute_close_to_a_setting_is_refused_at_class_definition(name, value, meant):
+    with pytest.raises(ConfigError) as caught:
+        make_command('Misspelt', **{name: value})
+    message = str(caught.value)
+    assert 'Misspelt' in message and repr(name) in message
+    assert 'did you mean %r' % (meant,) in message
+    assert repr('_' + name) in message   # the way out for an attribute that is the user's own
+
+
+@pytest.mark.parametrize('name, value', [
+    ('cookie', 'session=1'), ('retries', 3), ('timeout_ms', 300), ('_timout', 5),
+    ('session_url', 'http://x'), ('group', 'admins'), ('commands', ('a', 'b')),
+])
+def test_class_attribute_unlike_any_setting_is_the_users_own(name, value):
+    cls = make_command('OwnAttributes', **{name: value})
+    assert cls().execute() == 'ran'
+    assert getattr(cls, name) == value
+
+
+def test_methods_and_properties_close_to_a_setting_are_not_checked():
+    cls = make_command('Methods', timouts=lambda self: 1,
+                       fallback_enable=property(lambda self: False))
+    assert cls().execute() == 'ran'
+
+
+def test_misspelt_attribute_of_an_intermediate_base_class_is_refused_too():
+    base = make_command('Base')
+    with pytest.raises(ConfigError, match="did you mean 'timeout'"):
+        type('Middle', (base,), {'timout': 5})

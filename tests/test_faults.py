@@ -21,6 +21,9 @@ for ``system_clock``. Every wait is bounded by ``WAIT``.
 """
 import asyncio
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -227,7 +230,7 @@ def test_shutdown_refuses_new_work_at_once_and_ends_as_soon_as_the_stuck_run_ret
 
     released = time.monotonic()
     gate.open()
-    assert finish(stopping, bound=5.0) == ('value', None)
+    assert finish(stopping, bound=5.0) == ('value', [])   # no worker left busy
     SHUTDOWN_FIGURES['stuck run released -> shutdown returned (s)'] = round(
         time.monotonic() - released, 4)
     print('\nshutdown figures:', SHUTDOWN_FIGURES)
@@ -243,6 +246,73 @@ def test_shutdown_with_nothing_running_returns_at_once(system_clock):
     began = time.monotonic()
     component.shutdown()
     assert time.monotonic() - began < 2.0
+
+
+def test_shutdown_with_a_timeout_returns_after_it_and_names_the_stuck_worker(system_clock, gates,
+                                                                             caplog):
+    """Issue 18: shutdown() in a `finally` hung forever behind a run() that never returns."""
+    add_pool('narrow', 2)
+    gate = gates()
+
+    class StuckFast(Stuck):
+        timeout = 0.05
+
+    assert StuckFast(gate).execute() == 'stale'
+    stopping = start(component.shutdown, 0.2)
+    kind, stuck = finish(stopping)                # returns although the run() is still held
+    assert kind == 'value' and len(stuck) == 1
+    assert 'blackgate-narrow' in stuck[0] and 'stuck' in stuck[0]
+    warned = [r for r in caplog.records if r.name == 'blackgate' and 'still busy' in r.message]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    gate.open()
+
+
+#: A program whose only call hangs in run() forever (after its caller got the fallback).
+HANGING_PROGRAM = '''
+import sys, threading
+from blackgate import Command, component
+
+class Hangs(Command):
+    timeout = 0.05
+    timeout_enabled = sys.argv[1] != 'untimed'
+
+    def run(self):
+        print('running', flush=True)
+        threading.Event().wait()
+
+    def fallback(self):
+        return 'stale'
+
+try:
+    print(Hangs().execute(), flush=True)
+finally:
+    if sys.argv[2] == 'shutdown':
+        print('stuck:', component.shutdown(timeout=0.2), flush=True)
+'''
+
+
+@pytest.mark.parametrize('finally_', ['nothing', 'shutdown'])
+def test_a_program_whose_run_never_returns_still_exits_when_its_main_program_ends(finally_):
+    """Issue 18: the pool's non-daemon workers were joined at exit, so the process hung."""
+    result = subprocess.run([sys.executable, '-c', HANGING_PROGRAM, 'timed', finally_],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert 'stale' in result.stdout
+    if finally_ == 'shutdown':
+        assert "stuck: ['blackgate-default_0: <Hangs Hangs" in result.stdout
+
+
+def test_ctrl_c_stops_a_program_blocked_in_a_run_that_never_returns():
+    process = subprocess.Popen([sys.executable, '-c', HANGING_PROGRAM, 'untimed', 'shutdown'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == 'running'
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert 'KeyboardInterrupt' in err
+    assert 'stuck:' in out   # the finally ran, and shutdown(timeout=...) returned
 
 
 def test_a_queued_run_whose_caller_timed_out_is_never_called(clock, gates):
@@ -434,11 +504,14 @@ class Recorder:
 
 
 class Raising:
+    def __init__(self, kind=RuntimeError):
+        self.kind = kind
+
     def on_event(self, command_key, event):
-        raise RuntimeError('listener bug in on_event')
+        raise self.kind('listener bug in on_event')
 
     def on_state_change(self, command_key, old, new):
-        raise RuntimeError('listener bug in on_state_change')
+        raise self.kind('listener bug in on_state_change')
 
 
 class Flaky(FailsOnDemand):
@@ -447,13 +520,16 @@ class Flaky(FailsOnDemand):
     metrics_health_snapshot_interval = 0
 
 
+@pytest.mark.parametrize('kind', [RuntimeError, asyncio.CancelledError, KeyboardInterrupt,
+                                  SystemExit, GeneratorExit])
 @pytest.mark.parametrize('driver', ['execute', 'queue'])
 def test_listeners_that_raise_break_nothing_and_the_others_hear_everything(clock, caplog,
-                                                                            driver):
+                                                                            driver, kind):
+    """A BaseException from a listener too: it escaped execute() and left queue() pending."""
     caplog.set_level(logging.INFO, logger='blackgate')
     before, after = Recorder(), Recorder()
     component.add_listener(before)
-    component.add_listener(Raising())
+    component.add_listener(Raising(kind))
     component.add_listener(after)
     answers = [_answer(Flaky(fail), driver) for fail in (True, True, False)]
     clock.advance(5.0)
@@ -469,7 +545,7 @@ def test_listeners_that_raise_break_nothing_and_the_others_hear_everything(clock
     expected_moves = [('flaky', C, O), ('flaky', O, H), ('flaky', H, C)]
     assert before.transitions == after.transitions == expected_moves
     broken = [r for r in caplog.records if r.name == 'blackgate' and r.exc_info
-              and isinstance(r.exc_info[1], RuntimeError)]
+              and isinstance(r.exc_info[1], kind)]
     assert len(broken) == len(expected_events) + len(expected_moves)   # each logged, once
     assert all(r.levelno >= logging.ERROR for r in broken)
 

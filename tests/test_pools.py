@@ -8,6 +8,7 @@ import pytest
 
 from blackgate import Command, Event, component
 from blackgate.pools import Permits
+from blackgate.testing import FakeClock
 from support import add_pool, in_thread, run_async
 
 WAIT = 5.0   # seconds: the bound on every wait between threads
@@ -614,3 +615,90 @@ def test_permits_never_admit_more_than_their_limit_under_contention():
     assert 1 <= held[1] <= 3
     assert sum(refused) == permits.rejected > 0
     assert permits.in_use == 0
+
+
+# -- install() swapping a pool under load (issue 18, point 13) ------------------------------------
+
+class InstallsOnce(FakeClock):
+    """A FakeClock whose next reading, once armed, runs component.install() first.
+
+    A command reads the clock between taking its (cached) pool and submitting to
+    it, so this puts an install() exactly in the window where a call under load
+    met a pool that had just been shut down.
+    """
+
+    armed = False
+
+    def monotonic(self):
+        if self.armed:
+            self.armed = False
+            component.install()
+        return super().monotonic()
+
+
+def _resize_between_lookup_and_submit(max_workers):
+    clock = component.clock = InstallsOnce()
+    install_pool(2, 0)
+    assert Quick().execute() == 'ran'          # the class's pool is now cached
+    old = component.pool(GROUP)
+    component.add('executor_pool', {'group_key': GROUP, 'max_workers': max_workers})
+    clock.armed = True
+    return old
+
+
+@pytest.mark.parametrize('driver', ['execute', 'queue'])
+def test_a_call_that_took_the_pool_just_before_install_replaced_it_runs_on_the_new_one(driver):
+    old = _resize_between_lookup_and_submit(3)
+    cmd = Quick()
+    if driver == 'execute':
+        result = cmd.execute()
+    else:
+        async def queued():
+            return await cmd.queue()
+        result = run_async(queued())
+    assert (result, cmd.events) == ('ran', (Event.SUCCESS,))   # not 'executor pool is shut down'
+    new = component.pool(GROUP)
+    assert new is not old and new.max_workers == 3
+    assert old.is_shut_down and old.successor is new
+    assert (old.rejected_count, new.rejected_count) == (0, 0)
+
+
+def test_work_running_on_a_replaced_pool_finishes_there_and_new_work_goes_to_the_new_one(gate):
+    install_pool(1, 0)
+    old = component.pool(GROUP)
+    running = in_thread(Held(gate).execute)
+    assert gate.wait_started(1)
+    component.add('executor_pool', {'group_key': GROUP, 'max_workers': 2})
+    component.install()
+    new = component.pool(GROUP)
+    assert old.successor is new
+    # the old pool's one worker is busy: a call that still holds the old pool is passed on
+    assert old.try_submit(lambda release: release() or 'passed on').result(WAIT) == 'passed on'
+    assert Quick().execute() == 'ran'
+    gate.open()
+    assert running.result(WAIT) == 'ran'
+    assert old.in_flight == 0 and old.rejected_count == 0
+
+
+def test_installs_under_load_reject_nothing(clock):
+    """The chaos run's shape, bounded: callers hammer while install() keeps resizing the pool."""
+    install_pool(4, 0)
+    stop = threading.Event()
+    outcomes = []
+
+    def caller():
+        events = []
+        while not stop.is_set():
+            cmd = Quick()
+            cmd.execute()
+            events.append(cmd.events[0])
+        return events
+
+    callers = [in_thread(caller) for _ in range(4)]   # never more calls than workers
+    for size in [5, 4] * 20:
+        component.add('executor_pool', {'group_key': GROUP, 'max_workers': size})
+        component.install()
+    stop.set()
+    for future in callers:
+        outcomes += future.result(WAIT)
+    assert outcomes and set(outcomes) == {Event.SUCCESS}
