@@ -861,8 +861,14 @@ class _Supervisor:
         self.config = dataclasses.replace(config, host=self.config.host, port=self.config.port)
 
 
+#: Connections the kernel queues before a worker accepts them: nginx's default on Linux
+#: (Tornado's is 128, which a burst of a few hundred clients overflows).
+LISTEN_BACKLOG = 511
+
+
 def _bind(config: GatewayConfig) -> List[socket.socket]:
-    return tornado.netutil.bind_sockets(config.port, config.host or None)
+    return tornado.netutil.bind_sockets(config.port, config.host or None,
+                                        backlog=LISTEN_BACKLOG)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
