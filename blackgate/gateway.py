@@ -32,6 +32,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -297,7 +298,10 @@ class _Checker:
         return mounts
 
     def command_defaults(self, value: Any) -> Dict[str, Any]:
-        allowed = tuple(COMMAND_DEFAULTS)
+        if isinstance(value, Mapping) and 'group_key' in value:
+            raise self.fail('command_defaults.group_key', 'a route without a group_key gets a '
+                            'pool of its own; set group_key on the routes instead')
+        allowed = tuple(key for key in COMMAND_DEFAULTS if key != 'group_key')
         self.keys('command_defaults', value, allowed, 'a mapping of command settings')
         for key, item in value.items():
             self.setting('command_defaults.' + key, key, item)
@@ -498,8 +502,8 @@ def _show(value: Any) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-        and value not in (float('inf'), float('-inf'))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 def _key_from_prefix(prefix: str) -> str:
@@ -568,6 +572,9 @@ class _Health(tornado.web.RequestHandler):
     def initialize(self, worker: '_Worker') -> None:
         self.worker = worker
 
+    def set_default_headers(self) -> None:
+        self.clear_header('Server')
+
     def get(self) -> None:
         draining = self.worker.draining
         self.set_status(503 if draining else 200)
@@ -582,6 +589,9 @@ class _Health(tornado.web.RequestHandler):
 class _Metrics(tornado.web.RequestHandler):
     def initialize(self, registry: Any) -> None:
         self.registry = registry
+
+    def set_default_headers(self) -> None:
+        self.clear_header('Server')
 
     def get(self) -> None:
         from prometheus_client import exposition

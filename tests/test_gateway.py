@@ -441,6 +441,14 @@ GOOD_ROUTE = '{prefix: /a, upstream: "http://127.0.0.1:9000"}'
      r"state_store: url='localhost:6379' is not a Redis URL"),
     ('routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000", fallback: {body: x}}\n',
      r'routes\[0\]\.fallback\.status: missing'),
+    ('command_defaults: {group_key: api}\nroutes: [%s]\n' % GOOD_ROUTE,
+     r'command_defaults\.group_key: a route without a group_key gets a pool of its own'),
+    ('command_defaults: {circuit_breaker_error_threshold_percentage: 150}\nroutes: [%s]\n'
+     % GOOD_ROUTE, r'command_defaults\.circuit_breaker_error_threshold_percentage: 150 is out '
+                   r'of range; expected a number from 0 to 100'),
+    ('routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000", '
+     'metrics_rolling_window: 1, metrics_rolling_buckets: 5000}\n',
+     r'routes\[0\]: metrics_rolling_window=1 split into metrics_rolling_buckets=5000'),
 ])
 def test_a_bad_file_exits_non_zero_with_one_line_naming_file_and_key(tmp_path, text, message):
     path = tmp_path / 'bad.yaml'
