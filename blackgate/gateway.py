@@ -43,6 +43,7 @@ import urllib.parse
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tornado.httputil
+import tornado.ioloop
 import tornado.netutil
 import tornado.web
 import yaml  # type: ignore[import-untyped, unused-ignore]
@@ -334,6 +335,11 @@ class _Checker:
         except ConfigError as exc:
             detail = str(exc).split(': ', 1)[-1]
             raise self.fail('state_store', detail) from None
+        try:
+            import redis   # check_store_mapping made sure it is there
+            redis.Redis.from_url(checked['url'])   # parses only: no connection, no thread
+        except ValueError as exc:
+            raise self.fail('state_store.url', '%s: %s' % (_show(checked['url']), exc)) from None
         return tuple(sorted(checked.items()))
 
     def routes(self, value: Any, defaults: Mapping[str, Any], pools: set,
@@ -702,8 +708,14 @@ class _Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        # A supervisor killed outright (SIGKILL) cannot pass SIGTERM on: drain when it is gone.
+        supervisor = os.getppid()
+        orphan_check = tornado.ioloop.PeriodicCallback(
+            lambda: stop.set() if os.getppid() != supervisor else None, 1000)
+        orphan_check.start()
         log.info('worker %d serving %d route(s)', os.getpid(), len(self.config.routes))
         await stop.wait()
+        orphan_check.stop()
         return await self.drain()
 
     def reload(self) -> None:
@@ -772,7 +784,12 @@ class _Supervisor:
         self.failed = False
 
     def spawn(self) -> None:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error('cannot start a worker: %s; trying again in %g s', exc, RESTART_DELAY)
+            self.restarts.append(time.monotonic() + RESTART_DELAY)
+            return
         if pid == 0:
             status = 1
             try:
@@ -857,6 +874,8 @@ class _Supervisor:
                                                      else 0.0))
 
     def reload(self) -> None:
+        if self.stopping:
+            return
         try:
             config = load_config(self.config.path, self.listen)
         except ConfigError as exc:

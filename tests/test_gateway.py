@@ -223,11 +223,12 @@ def gateway(tmp_path):
 
 
 def alive(pid):
+    """Whether ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open('/proc/%d/stat' % pid) as stat:
+            return stat.read().rpartition(')')[2].split()[0] != 'Z'
+    except OSError:
         return False
-    return True
 
 
 def eventually(condition, timeout=WAIT, pause=0.02):
@@ -439,6 +440,8 @@ GOOD_ROUTE = '{prefix: /a, upstream: "http://127.0.0.1:9000"}'
      r"routes\[0\]\.prefix: '/blackgate' overlaps observability\.dashboard"),
     ('state_store: {backend: redis, url: "localhost:6379"}\nroutes: [%s]\n' % GOOD_ROUTE,
      r"state_store: url='localhost:6379' is not a Redis URL"),
+    ('state_store: {backend: redis, url: "redis://127.0.0.1:notaport/0"}\nroutes: [%s]\n'
+     % GOOD_ROUTE, r"state_store\.url: 'redis://127.0.0.1:notaport/0': Port could not be cast"),
     ('routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000", fallback: {body: x}}\n',
      r'routes\[0\]\.fallback\.status: missing'),
     ('command_defaults: {group_key: api}\nroutes: [%s]\n' % GOOD_ROUTE,
@@ -570,6 +573,15 @@ def test_sigterm_drains_an_in_flight_request_and_exits_0(gateway, upstreams):
     assert not [pid for pid in pids if alive(pid)]
     with pytest.raises(OSError):   # nobody listens any more
         socket.create_connection((program.host, program.port), timeout=2).close()
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(gateway, upstreams):
+    upstream = upstreams()
+    program = gateway(ROUTE_TO % (upstream.url,), processes=2)
+    pids = program.worker_pids()
+    program.process.kill()   # SIGKILL: no SIGTERM reaches the workers
+    program.process.wait(WAIT)
+    assert eventually(lambda: not [pid for pid in pids if alive(pid)])
 
 
 def test_a_worker_that_dies_is_replaced(gateway, upstreams):
