@@ -249,7 +249,8 @@ class _Checker:
                              mounts)
         return GatewayConfig(
             path=self.path, host=host, port=port, processes=processes, drain_timeout=float(drain),
-            server=ServerSettings(**server), access_log='off' if access_log is False else access_log,
+            server=ServerSettings(**server),
+            access_log='off' if access_log is False else access_log,
             dashboard=mounts['dashboard'], metrics=mounts['metrics'], health=mounts['health'],
             pools=tuple(pools), routes=routes, state_store=store)
 
@@ -314,7 +315,8 @@ class _Checker:
         pools: List[Tuple[str, int, int]] = []
         for index, item in enumerate(value):
             where = 'pools[%d]' % (index,)
-            self.keys(where, item, _POOL_KEYS, "a mapping such as {group_key: api, max_workers: 10}")
+            self.keys(where, item, _POOL_KEYS,
+                      'a mapping such as {group_key: api, max_workers: 10}')
             if 'group_key' not in item:
                 raise self.fail(where + '.group_key', 'missing')
             for key, setting in item.items():

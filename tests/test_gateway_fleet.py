@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from test_gateway import WAIT, gateway, upstreams  # noqa: F401  (fixtures)
+from test_gateway import gateway, upstreams  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

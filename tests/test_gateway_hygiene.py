@@ -6,7 +6,7 @@ descriptors read from /proc.
 """
 import re
 
-from test_gateway import WAIT, eventually, gateway, upstreams  # noqa: F401  (fixtures)
+from test_gateway import eventually, gateway, upstreams  # noqa: F401  (fixtures)
 from test_server import closed_within, connect, get, open_fds, read_response
 
 HYGIENE = '''
