@@ -344,7 +344,7 @@ def _wait_ready(port: int) -> None:
     raise RuntimeError('nothing listens on port %d' % port)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, worker: Optional[int] = None) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -352,6 +352,23 @@ def _stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(20)
+    # An nginx worker was once seen outliving its master's SIGTERM: end it too, by its pid.
+    deadline = time.monotonic() + 5
+    while worker is not None and _running(worker):
+        if time.monotonic() > deadline:
+            os.kill(worker, signal.SIGKILL)
+            break
+        if time.monotonic() > deadline - 4:
+            os.kill(worker, signal.SIGTERM)
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open('/proc/%d/stat' % pid) as stat:
+            return stat.read().rpartition(')')[2].split()[0] != 'Z'
+    except OSError:
+        return False
 
 
 def _table(results: List[Dict[str, Any]]) -> str:
@@ -405,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     results.append(asyncio.run(_measure(name, port, worker, args.slow,
                                                         args.idle, args.seconds)))
                 finally:
-                    _stop(process)
+                    _stop(process, worker)
     finally:
         _stop(upstream)
     print('load average: %.2f %.2f %.2f' % os.getloadavg())
