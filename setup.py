@@ -40,10 +40,13 @@ setup(
     install_requires=[
         'tornado>=6.1',
         'requests',
+        'PyYAML>=5.1',   # the gateway program's file (blackgate.gateway), read with safe_load
     ],
     entry_points={
         # The testing kit's fixtures (blackgate_component, blackgate_clock) for pytest users.
         'pytest11': ['blackgate = blackgate.testing'],
+        # The gateway program: blackgate-gateway gateway.yaml (docs/gateway.rst).
+        'console_scripts': ['blackgate-gateway = blackgate.gateway:main'],
     },
     extras_require={
         'test': [

@@ -45,3 +45,30 @@ def _text(output):
     if output is None:
         return ''
     return output.decode('utf-8', 'replace') if isinstance(output, bytes) else output
+
+
+def test_gateway_yaml_runs(tmp_path):
+    """examples/gateway.yaml is valid and serves (on a free port: --listen 127.0.0.1:0)."""
+    import json
+    import signal
+    import urllib.request
+
+    config = str(EXAMPLES / 'gateway.yaml')
+    check = subprocess.run([sys.executable, '-m', 'blackgate.gateway', '--check', config],
+                           capture_output=True, text=True, timeout=TIME_LIMIT)
+    assert check.returncode == 0, check.stderr
+    program = subprocess.Popen([sys.executable, '-m', 'blackgate.gateway', config,
+                                '--listen', '127.0.0.1:0'], cwd=str(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True)
+    try:
+        line = program.stdout.readline()
+        assert 'listening on http://127.0.0.1:' in line, (line, program.stderr.read())
+        url = line.split()[-4]
+        with urllib.request.urlopen(url + '/blackgate/health', timeout=TIME_LIMIT) as response:
+            assert json.loads(response.read())['routes'] == 3
+    finally:
+        program.send_signal(signal.SIGTERM)
+        stdout, stderr = program.communicate(timeout=TIME_LIMIT)
+    assert program.returncode == 0, stderr
+    assert 'Traceback' not in stderr, stderr
