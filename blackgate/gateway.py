@@ -77,7 +77,8 @@ _TOP_KEYS = ('listen', 'processes', 'drain_timeout') + tuple(SERVER_SETTINGS) + 
 _POOL_KEYS = ('group_key', 'max_workers', 'max_queue_size')
 _ROUTE_OWN_KEYS = ('prefix', 'upstream', 'group_key', 'command_key', 'strip_prefix',
                    'rewrite_prefix', 'websocket', 'trust_forwarded_headers', 'via',
-                   'max_body_size', 'fallback')
+                   'max_body_size', 'fallback') + ('buffer_body', 'body_idle_timeout',
+                                                   'max_response_body_size')
 _FALLBACK_KEYS = ('status', 'reason', 'headers', 'body')
 _STORE_KEYS = ('backend', 'url', 'prefix', 'interval', 'socket_timeout')
 _PREFIX = re.compile(r'/[A-Za-z0-9._~!$&\'()*+,;=:@%/-]*')
@@ -113,6 +114,8 @@ class Route:
     via: Optional[str]
     max_body_size: Optional[int]
     fallback: Optional[Fallback]
+    #: HTTPProxyCommand's own attributes the route sets (buffer_body, body_idle_timeout, ...)
+    proxy_attributes: Tuple[Tuple[str, Any], ...]
     #: every command setting, layered: the route's, then command_defaults, then built-ins
     settings: Tuple[Tuple[str, Any], ...]
 
@@ -295,7 +298,8 @@ class _Checker:
         if mounts['metrics'] is not None and importlib.util.find_spec('prometheus_client') is None:
             if 'metrics' in value:
                 raise self.fail('observability.metrics', "/metrics needs prometheus-client: "
-                                "pip install 'blackgate[prometheus]', or set it to false")
+                                "pip install prometheus-client (in a checkout: pip install "
+                                "-e '.[prometheus]'), or set it to false")
             mounts['metrics'] = None   # the default, without the package: said at start-up
         return mounts
 
@@ -422,6 +426,19 @@ class _Checker:
                                   v, bool) and v >= 0), 'a number of bytes, or null (no limit)')
         fallback = self.fallback(where + '.fallback', item['fallback']) \
             if 'fallback' in item else None
+        proxy_attributes = []
+        if 'buffer_body' in item:
+            proxy_attributes.append(('buffer_body', self.value(
+                where + '.buffer_body', item['buffer_body'], lambda v: isinstance(v, bool),
+                'true or false')))
+        for key, what in (('body_idle_timeout', 'seconds above 0, or null (the timeout; none '
+                                                'for an event stream)'),
+                          ('max_response_body_size', 'a number of bytes above 0, or null')):
+            if key in item:
+                proxy_attributes.append((key, self.value(
+                    where + '.' + key, item[key], lambda v: v is None or (
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+                    what)))
         own = {}
         for key in command_keys:
             if key in item:
@@ -437,7 +454,7 @@ class _Checker:
                      rewrite_prefix=rewrite, websocket=flags['websocket'],
                      trust_forwarded_headers=flags['trust_forwarded_headers'],
                      via=via or None, max_body_size=max_body, fallback=fallback,
-                     settings=settings)
+                     proxy_attributes=tuple(proxy_attributes), settings=settings)
 
     def upstream(self, where: str, value: Any) -> str:
         expected = "an http:// or https:// URL with a host, such as 'http://127.0.0.1:9000'"
@@ -531,6 +548,7 @@ def _route_command(route: Route) -> type:
         'route': route,
         'before_request': _before_request,
     }
+    attrs.update(route.proxy_attributes)
     if route.fallback is not None:
         attrs['fallback'] = _fallback
     name = 'Route_' + re.sub(r'\W', '_', route.command_key)

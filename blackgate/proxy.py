@@ -33,6 +33,7 @@ body. A small body that arrives whole at once is sent whole, with its length.
 """
 import asyncio
 import json
+import logging
 import math
 import re
 import urllib.parse
@@ -45,10 +46,12 @@ import tornado.web
 
 from . import tracing, transport
 from .command import Command, DeferredOutcome
-from .errors import BadRequest, BlackgateError, CommandError
+from .errors import BadRequest, BlackgateError, CommandError, ConfigError
 from .events import Event, FailureType
 from .registry import component
 from .transport import WireError, WireTimeout
+
+log = logging.getLogger('blackgate')
 
 try:
     from urllib3 import HTTPHeaderDict
@@ -56,7 +59,7 @@ except ImportError:  # urllib3 1.26
     from urllib3._collections import HTTPHeaderDict
 
 __all__ = ('HTTPProxy', 'HTTPProxyCommand', 'UpstreamBody', 'UpstreamError', 'UpstreamTimeout',
-           'UpstreamServerError', 'ClientGone')
+           'UpstreamServerError', 'ClientGone', 'ProxyMisconfigured')
 
 #: Fields that describe one connection, not the message (RFC 9110 §7.6.1), and the
 #: proxy credentials meant for this hop only. Dropped both ways, with every field
@@ -135,6 +138,14 @@ class ClientGone(BadRequest):
 
     A :class:`~blackgate.BadRequest`: the client's doing, not the upstream's, so
     it is not counted against the breaker and runs no fallback.
+    """
+
+
+class ProxyMisconfigured(BadRequest):
+    """The gateway's own code is wrong (a ``before_request()`` that set no URL): 500.
+
+    Not the upstream's fault, so not counted against its breaker, and no fallback
+    runs; :class:`HTTPProxy` answers 500 and logs it on one line.
     """
 
 
@@ -282,8 +293,8 @@ class HTTPProxyCommand(Command):
         request = self.request
         url = request.get('url')
         if not url:
-            raise BlackgateError("%s.before_request() must set self.request['url'] to the "
-                                 "upstream URL" % (type(self).__name__,))
+            raise ProxyMisconfigured("%s.before_request() must set self.request['url'] to "
+                                     "the upstream URL" % (type(self).__name__,))
         query = request.get('query')
         if query and '?' not in url:
             url += '?' + query
@@ -666,17 +677,33 @@ class HTTPProxy(tornado.web.RequestHandler):
 
     command: 'type[HTTPProxyCommand]'
 
-    def initialize(self, command: 'type[HTTPProxyCommand]', **settings: Any) -> None:
-        """Take the :class:`HTTPProxyCommand` subclass, and any of the settings above."""
-        if not (isinstance(command, type) and issubclass(command, HTTPProxyCommand)):
-            raise TypeError('HTTPProxy needs command=<a subclass of HTTPProxyCommand>, got %r'
-                            % (command,))
-        self.command = command
-        for name, value in settings.items():
-            if name not in _SETTINGS:
-                raise TypeError('HTTPProxy got an unknown setting %r; it takes command and %s'
-                                % (name, ', '.join(_SETTINGS)))
-            setattr(self, name, value)
+    @classmethod
+    def route(cls, pattern: str, command: 'type[HTTPProxyCommand]', **settings: Any
+              ) -> Tuple[str, type, Dict[str, Any]]:
+        """The route ``(pattern, HTTPProxy, dict(command=..., **settings))``, checked now.
+
+        Raises :class:`~blackgate.ConfigError` at start-up for what a plain route
+        would only show at the first request: a command that is not an
+        :class:`HTTPProxyCommand` subclass, an unknown setting or a bad value.
+        The route's capture groups are not used: ``before_request()`` reads
+        ``self.request['path']``.
+        """
+        problem = _route_problem(command, settings)
+        if problem is not None:
+            raise ConfigError('HTTPProxy.route(%r): %s' % (pattern, problem))
+        return (pattern, cls, dict(settings, command=command))
+
+    def initialize(self, command: Any = None, **settings: Any) -> None:
+        """Take the :class:`HTTPProxyCommand` subclass, and any of the settings above.
+
+        A wrong route is answered 500 (and logged on one line) at each request:
+        build routes with :meth:`route` to have it refused at start-up instead.
+        """
+        self._misconfigured = _route_problem(command, settings)
+        if self._misconfigured is None:
+            self.command = command
+            for name, value in settings.items():
+                setattr(self, name, value)
         self._chunks: List[bytes] = []
         self._received = 0
         self._answered = False
@@ -710,6 +737,11 @@ class HTTPProxy(tornado.web.RequestHandler):
     # -- the request body ------------------------------------------------------------------
 
     def prepare(self) -> None:
+        if self._misconfigured is not None:
+            log.error('HTTPProxy route for %s is misconfigured: %s; answered 500',
+                      self.request.path, self._misconfigured)
+            self._gateway_error(500, 'gateway misconfigured', 'misconfigured')
+            return
         headers = self.request.headers
         if _wants_websocket(headers):
             if not self.websocket or self.request.method != 'GET':
@@ -799,6 +831,11 @@ class HTTPProxy(tornado.web.RequestHandler):
             response = await pending
         except CommandError as error:
             response = self._failure_response(error)
+        except ProxyMisconfigured as error:
+            log.error('%s: %s; answered 500', command.command_key, error)
+            self._gateway_error(500, 'gateway misconfigured', 'misconfigured',
+                                Event.BAD_REQUEST.value)
+            return
         except BadRequest:
             if not self._answered:
                 self._gateway_error(400, 'bad request', 'bad-request', Event.BAD_REQUEST.value)
@@ -1073,6 +1110,36 @@ class HTTPProxy(tornado.web.RequestHandler):
 
 _SETTINGS = ('max_body_size', 'max_response_body_size', 'trust_forwarded_headers', 'via',
              'websocket')
+_SETTING_RULES = {
+    'max_body_size': (lambda v: v is None or _is_count(v, 0), 'a number of bytes, or None'),
+    'max_response_body_size': (lambda v: v is None or _is_count(v, 1),
+                               'a number of bytes above 0, or None'),
+    'trust_forwarded_headers': (lambda v: isinstance(v, bool), 'True or False'),
+    'via': (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r'[!-~]+', v)),
+            'a name without spaces, or None'),
+    'websocket': (lambda v: isinstance(v, bool), 'True or False'),
+}
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _route_problem(command: Any, settings: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with an HTTPProxy route's dict, in one line; None if nothing."""
+    if command is None:
+        return 'no command: route it as dict(command=<a subclass of HTTPProxyCommand>)'
+    if not (isinstance(command, type) and issubclass(command, HTTPProxyCommand)):
+        kind = ('an instance of %s' % (type(command).__name__,)
+                if isinstance(command, HTTPProxyCommand) else repr(command))
+        return 'command=%s; expected a subclass of HTTPProxyCommand (the class itself)' % (kind,)
+    for name, value in settings.items():
+        rule = _SETTING_RULES.get(name)
+        if rule is None:
+            return 'unknown setting %r; it takes command and %s' % (name, ', '.join(_SETTINGS))
+        if not rule[0](value):
+            return '%s=%r; expected %s' % (name, value, rule[1])
+    return None
 
 
 class _MalformedField(Exception):

@@ -28,10 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient
-from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
-
 from blackgate import BreakerState, HTTPProxy, HTTPProxyCommand, component
+from blackgate.server import listen
 
 TIMEOUT = 0.5          # the commands' timeout, seconds
 SLEEP_WINDOW = 1.0     # seconds the breaker stays open before a trial
@@ -100,7 +98,9 @@ class InventoryAPI(HTTPProxyCommand):
     base_url = None   # set once the service has a port
 
     def before_request(self):
-        self.request['url'] = self.base_url + self.request['path'].replace('/api', '', 1)
+        path = self.request['path']   # the prefix off the front only
+        self.request['url'] = self.base_url + (path[len('/api'):] if path.startswith('/api/')
+                                               else path)
 
 
 class CatalogAPI(InventoryAPI):
@@ -109,7 +109,9 @@ class CatalogAPI(InventoryAPI):
     command_key = 'catalog_api'
 
     def before_request(self):
-        self.request['url'] = self.base_url + self.request['path'].replace('/catalog', '', 1)
+        path = self.request['path']
+        self.request['url'] = self.base_url + (path[len('/catalog'):]
+                                               if path.startswith('/catalog/') else path)
 
     def fallback(self):
         return {'status_code': 200, 'reason': 'OK',
@@ -127,13 +129,12 @@ def start_gateway():
     })
     component.install()
     app = tornado.web.Application([
-        (r'/api/(.*)', HTTPProxy, dict(command=InventoryAPI)),
-        (r'/catalog/(.*)', HTTPProxy, dict(command=CatalogAPI)),
+        HTTPProxy.route(r'/api/.*', InventoryAPI),       # checked now, not at the first request
+        HTTPProxy.route(r'/catalog/.*', CatalogAPI),
     ], log_function=lambda handler: None)   # the example prints its own lines
-    sockets = bind_sockets(0, '127.0.0.1')
-    server = HTTPServer(app)
-    server.add_sockets(sockets)
-    return server, 'http://127.0.0.1:%d' % sockets[0].getsockname()[1]
+    # listen(): Tornado's HTTPServer with nginx's limits for slow and idle clients
+    server = listen(app, 0, '127.0.0.1')
+    return server, 'http://127.0.0.1:%d' % server.bound_addresses[0][1]
 
 
 # -- the client ----------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def test_health_dashboard_stream_and_metrics_are_mounted(gateway, upstreams):
     connection.close()
     status, headers, body = program.get('/metrics')
     assert status == 200
-    assert b'blackgate_command_events_total{command="svc",event="SUCCESS",group="svc"} 1.0' \
+    assert b'blackgate_command_calls_total{command="svc",group="svc",kind="successful"} 1.0' \
         in body, body
 
 
@@ -436,6 +436,10 @@ GOOD_ROUTE = '{prefix: /a, upstream: "http://127.0.0.1:9000"}'
     ('routes: [%s]\nroutes: []\n' % GOOD_ROUTE, r"line 2, column 1: key 'routes' is given twice"),
     ('routes: [%s\n' % GOOD_ROUTE, r'line \d+, column \d+: '),
     ('listen: 127.0.0.1:0\n', r'routes: missing'),
+    ('routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000", body_idle_timeout: -1}\n',
+     r'routes\[0\]\.body_idle_timeout: -1 is not allowed; expected seconds above 0'),
+    ('routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000", buffer_body: 1}\n',
+     r'routes\[0\]\.buffer_body: 1 is not allowed; expected true or false'),
     ('routes:\n  - {prefix: /blackgate, upstream: "http://127.0.0.1:9000"}\n',
      r"routes\[0\]\.prefix: '/blackgate' overlaps observability\.dashboard"),
     ('state_store: {backend: redis, url: "localhost:6379"}\nroutes: [%s]\n' % GOOD_ROUTE,
@@ -597,3 +601,18 @@ def test_a_worker_that_dies_is_replaced(gateway, upstreams):
         assert program.get('/svc/z')[0] == 200
     assert program.stop() == 0
     assert not [pid for pid in program.worker_pids() if alive(pid)]
+
+
+def test_a_routes_streaming_keys_become_its_commands_attributes(tmp_path):
+    from blackgate.gateway import _route_command, load_config
+    path = tmp_path / 'gateway.yaml'
+    path.write_text('routes:\n'
+                    '  - {prefix: /files, upstream: "http://127.0.0.1:9000", buffer_body: true,\n'
+                    '     body_idle_timeout: 30, max_response_body_size: 1024}\n'
+                    '  - {prefix: /live, upstream: "http://127.0.0.1:9001", websocket: true}\n')
+    config = load_config(str(path))
+    files, live = (_route_command(route) for route in sorted(config.routes,
+                                                             key=lambda r: r.prefix))
+    assert (files.buffer_body, files.body_idle_timeout, files.max_response_body_size) == \
+        (True, 30, 1024)
+    assert live.buffer_body is False and live.body_idle_timeout is None

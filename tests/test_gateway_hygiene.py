@@ -48,9 +48,10 @@ def test_slow_head_idle_keepalive_and_stalled_body_are_closed(gateway, upstreams
     stalled.close()
     assert upstream.paths() == ['/x', '/x']   # the stalled body never went upstream
     status, headers, body = program.get('/metrics')
-    assert re.search(rb'blackgate_command_events_total\{command="api",event="SUCCESS"', body)
-    failures = re.search(rb'blackgate_command_events_total\{command="api",event="FAILURE",'
-                         rb'group="api"\} (\S+)', body)
+    assert re.search(rb'blackgate_command_calls_total\{command="api",group="api",'
+                     rb'kind="successful"\}', body)
+    failures = re.search(rb'blackgate_command_calls_total\{command="api",group="api",'
+                         rb'kind="failed"\} (\S+)', body)
     assert failures is None or float(failures.group(1)) == 0, failures   # not the upstream's fault
 
     assert eventually(lambda: open_fds(worker) <= baseline), (open_fds(worker), baseline)

@@ -107,3 +107,40 @@ async def test_the_examples_fallback_answers_an_upstream_5xx(intra_service, api)
     response = await api.fetch('GET', '/api/v1/users/42')
     assert response.status == 500
     assert response.json()['message'] == 'internal server error'
+
+
+# -- the prefix-safe rewrite the README shows next to it ---------------------------------------
+
+class PrefixSafe(HTTPProxyCommand):
+    group_key = 'api.v1'
+    command_key = 'proxy_v1_prefix_safe'
+
+    def before_request(self):
+        path = self.request['path']
+        if path.startswith('/api/'):
+            path = path[len('/api'):]          # /api/v1/apiary/3 -> /v1/apiary/3
+        self.request['url'] = INTRA_SERVICE + path
+
+
+@pytest.fixture
+def prefix_safe_api(io_loop):
+    component.add('executor_pool', {'group_key': 'api.v1', 'max_workers': 10})
+    component.install()
+    sockets = bind_sockets(0, '127.0.0.1')
+    server = HTTPServer(tornado.web.Application([HTTPProxy.route(r'/api/v1/.*', PrefixSafe)]))
+    server.add_sockets(sockets)
+    yield Gateway(sockets[0].getsockname()[1])
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=WAIT)
+
+
+async def test_the_seed_rewrite_mangles_a_path_with_api_inside_it(intra_service, api):
+    response = await api.fetch('GET', '/api/v1/apiary/3')
+    assert response.json()['target'] == '/v1ary/3'   # why the README shows the next one
+
+
+async def test_the_prefix_safe_rewrite_keeps_the_rest_of_the_path(intra_service,
+                                                                 prefix_safe_api):
+    response = await prefix_safe_api.fetch('GET', '/api/v1/apiary/3?q=/api')
+    assert response.status == 200
+    assert response.json()['target'] == '/v1/apiary/3?q=/api'
