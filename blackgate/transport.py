@@ -468,9 +468,15 @@ def body_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
         elif lower == 'content-length':
             lengths = value if lengths is None else lengths + ',' + value
     if encodings is not None:
+        # RFC 9112 §6.1, §6.3: both framings at once may be an attempt at response
+        # splitting, and a proxy that guessed would pass it on; so may an empty coding.
         if head.version == 10:
             raise WireError('sent Transfer-Encoding in an HTTP/1.0 response')
+        if lengths is not None:
+            raise WireError('sent both Transfer-Encoding and Content-Length')
         last = encodings.rpartition(',')[2].strip(' \t').lower()
+        if not last:
+            raise WireError('sent an empty Transfer-Encoding')
         return (_CHUNKED, -1) if last == 'chunked' else (_CLOSE, -1)
     if lengths is not None:
         values = {value.strip(' \t') for value in lengths.split(',')}
