@@ -1,10 +1,14 @@
 """One process of the fleet test (tests/test_fleet.py): calls a shared upstream until told to stop.
 
     python tests/fleet_worker.py REDIS_URL PREFIX INDEX
+    python tests/fleet_worker.py REDIS_URL PREFIX hold TRIAL_LEASE
 
 The "upstream" is a counter in Redis: every run() that reaches it increments
 PREFIX:test:hits, and fails unless PREFIX:test:up is '1'. Each call's outcome
 is logged with its wall time and pushed to PREFIX:test:results at the end.
+
+``hold``: wait for the fleet's trial of command key 'held', take it, set
+PREFIX:test:holding and never answer (tests/test_fleet_faults.py kills it).
 """
 import json
 import sys
@@ -54,5 +58,37 @@ def main(url, prefix, index):
     component.shutdown()
 
 
+def hold(url, prefix, lease):
+    client = redis.Redis.from_url(url)
+
+    class Held(Command):
+        command_key = 'held'
+        timeout_enabled = False
+        circuit_breaker_sleep_window = 1.0
+        metrics_health_snapshot_interval = 0.05
+        holding = False
+
+        def run(self):
+            if Held.holding:
+                client.set(prefix + ':test:holding', '1')
+                time.sleep(600)
+
+    component.set('state_store', {'backend': 'redis', 'url': url, 'prefix': prefix,
+                                  'trial_lease': lease})
+    component.install()
+    Held().execute()        # in use: the store reads its fleet state from now on
+    Held.holding = True
+    breaker = component.circuit_breaker('held')
+    deadline = time.time() + 60
+    while not breaker.is_open() and time.time() < deadline:
+        time.sleep(0.01)    # adopt the fleet's OPEN before the first call
+    while time.time() < deadline:
+        Held().execute()    # short-circuited until the fleet's trial is this process's
+        time.sleep(0.01)
+
+
 if __name__ == '__main__':
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[3] == 'hold':
+        hold(sys.argv[1], sys.argv[2], float(sys.argv[4]))
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
