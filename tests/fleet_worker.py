@@ -2,10 +2,14 @@
 
     python tests/fleet_worker.py REDIS_URL PREFIX INDEX
     python tests/fleet_worker.py REDIS_URL PREFIX hold TRIAL_LEASE
+    python tests/fleet_worker.py REDIS_URL PREFIX quorum INDEX BROKEN MIN_REPORTING
 
 The "upstream" is a counter in Redis: every run() that reaches it increments
 PREFIX:test:hits, and fails unless PREFIX:test:up is '1'. Each call's outcome
 is logged with its wall time and pushed to PREFIX:test:results at the end.
+
+``quorum``: call command key 'quorum_upstream' (trips at 10 % errors) until
+PREFIX:test:stop; its upstream fails in the processes with INDEX < BROKEN only.
 
 ``hold``: wait for the fleet's trial of command key 'held', take it, set
 PREFIX:test:holding and never answer (tests/test_fleet_faults.py kills it).
@@ -87,8 +91,40 @@ def hold(url, prefix, lease):
         time.sleep(0.01)
 
 
+def quorum(url, prefix, index, broken, min_reporting):
+    client = redis.Redis.from_url(url)
+
+    class Upstream(Command):
+        command_key = 'quorum_upstream'
+        circuit_breaker_request_volume_threshold = VOLUME
+        circuit_breaker_error_threshold_percentage = 10
+        metrics_health_snapshot_interval = INTERVAL
+
+        def run(self):
+            if index < broken:
+                raise ConnectionError('this host cannot reach the upstream')
+            return 'fresh'
+
+        def fallback(self):
+            return 'stale'
+
+    component.set('state_store', {'backend': 'redis', 'url': url, 'prefix': prefix,
+                                  'min_reporting_processes': min_reporting})
+    component.install()
+    client.incr(prefix + ':test:ready')
+    deadline = time.time() + 60
+    while not client.exists(prefix + ':test:go') and time.time() < deadline:
+        time.sleep(0.01)
+    while not client.exists(prefix + ':test:stop') and time.time() < deadline:
+        Upstream().execute()
+        time.sleep(0.01)
+    component.shutdown()
+
+
 if __name__ == '__main__':
     if sys.argv[3] == 'hold':
         hold(sys.argv[1], sys.argv[2], float(sys.argv[4]))
+    elif sys.argv[3] == 'quorum':
+        quorum(sys.argv[1], sys.argv[2], *map(int, sys.argv[4:7]))
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -15,7 +15,7 @@ import pytest
 
 from blackgate import BreakerState, Command, Event, component
 from blackgate.clock import SystemClock
-from test_fleet import WORKER, Down, eventually, real_time, redis_server, use_store  # noqa: F401
+from test_fleet import WAIT, WORKER, Down, eventually, real_time, redis_server, use_store  # noqa: F401
 
 
 class Relay:
@@ -372,3 +372,38 @@ def test_prefix_and_command_key_cannot_run_into_each_other(redis_server, real_ti
     assert events_of(C) == (Event.FAILURE, Event.FALLBACK_SUCCESS)
     time.sleep(0.3)                                        # a few syncs
     assert component.circuit_breaker('c').state is BreakerState.CLOSED
+
+
+# -- 11. a quorum of processes --------------------------------------------------------------
+
+@pytest.mark.parametrize('broken, min_reporting, trips', [
+    (1, 3, False),   # one sick host of eight: its errors alone do not open the fleet
+    (5, 3, True),    # five of eight: the fleet opens
+    (1, 1, True),    # without a quorum, the one sick host's 12.5 % opens it for all
+])
+def test_a_quorum_of_reporting_processes_decides_a_fleet_trip(redis_server, real_time,
+                                                              broken, min_reporting, trips):
+    client = redis_server.client()
+    prefix = 'q'
+    processes = [subprocess.Popen([sys.executable, str(WORKER), redis_server.url, prefix,
+                                   'quorum', str(i), str(broken), str(min_reporting)],
+                                  stderr=subprocess.DEVNULL)
+                 for i in range(8)]
+    try:
+        assert eventually(lambda: int(client.get(prefix + ':test:ready') or 0) == 8, 90)
+        client.set(prefix + ':test:go', '1')
+        state_key = prefix + ':quorum_upstream:state'
+        opened = eventually(lambda: client.hget(state_key, 'state') == b'open', timeout=4.0)
+        client.set(prefix + ':test:stop', '1')
+        for process in processes:
+            process.wait(WAIT)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    totals = {}
+    for key in client.keys(prefix + ':quorum_upstream:c:*'):
+        for name, count in client.hgetall(key).items():
+            totals[name] = totals.get(name, 0) + int(count)
+    assert totals.get(b'SUCCESS', 0) + totals.get(b'FAILURE', 0) >= 40   # traffic happened
+    assert opened is trips
