@@ -135,6 +135,7 @@ def test_a_listener_raising_a_base_exception_on_the_store_thread_does_not_stop_t
     assert eventually(lambda: breaker.state is BreakerState.CLOSED, timeout=5)
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')  # on purpose
 def test_a_dead_store_thread_is_found_logged_once_and_started_again(
         redis_server, real_time, caplog):
     caplog.set_level(logging.INFO, logger='blackgate')
