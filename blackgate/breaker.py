@@ -239,7 +239,7 @@ class CircuitBreaker:
         return self._state is not CLOSED
 
     def fleet_claim(self) -> Optional[str]:
-        """The id of the fleet trial this process holds (an unused permit or the running trial), or None."""
+        """The id of the fleet trial held here (an unused permit or the running trial), or None."""
         with self._lock:
             if self._state is HALF_OPEN:
                 return self._trial_claim
@@ -255,7 +255,7 @@ class CircuitBreaker:
                 and now >= self._fleet_permit_until)
 
     def grant_fleet_trial(self, permit: float, claim: str) -> None:
-        """The fleet gave this process its trial ``claim``: a request within ``permit`` s may take it."""
+        """The fleet gave this process trial ``claim``: a request within ``permit`` s takes it."""
         with self._lock:
             if self._state is OPEN:
                 self._fleet_permit_until = self.clock.monotonic() + permit

@@ -276,7 +276,7 @@ class RedisStateStore:
         self._wake.set()
 
     def send(self, command_key: str, action: str, claim: Optional[str] = None) -> None:
-        """Tell the fleet the outcome of trial ``claim`` (``'success'``, ``'failure'``) or a ``'reset'``.
+        """Tell the fleet trial ``claim``'s outcome (``'success'``, ``'failure'``) or a ``'reset'``.
 
         Sent by the store's thread, woken at once: the caller never waits on Redis.
         """

