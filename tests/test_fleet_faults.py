@@ -409,3 +409,28 @@ def test_a_quorum_of_reporting_processes_decides_a_fleet_trip(redis_server, real
             totals[name] = totals.get(name, 0) + int(count)
     assert totals.get(b'SUCCESS', 0) + totals.get(b'FAILURE', 0) >= 40   # traffic happened
     assert opened is trips
+
+
+# -- 10. what listeners see -----------------------------------------------------------------
+
+def test_listeners_see_the_fleets_own_moves_with_their_reason(redis_server, real_time, caplog):
+    caplog.set_level(logging.INFO, logger='blackgate')
+    moves = []
+
+    class Recorder:
+        def on_state_change(self, command_key, old, new):
+            moves.append((command_key, old, new))
+
+    component.add_listener(Recorder())
+    use_store(redis_server)
+    Down().execute()
+    client = redis_server.client()
+    client.hset('t:down:state', mapping={'state': 'open', 'opened_at': time.time(),
+                                         'generation': 0})
+    assert eventually(component.circuit_breaker('down').is_open, timeout=5)
+    client.hset('t:down:state', mapping={'state': 'closed', 'generation': 1})  # a trial elsewhere
+    assert eventually(lambda: len(moves) == 2, timeout=5)
+    assert moves == [('down', BreakerState.CLOSED, BreakerState.OPEN),
+                     ('down', BreakerState.OPEN, BreakerState.CLOSED)]
+    assert messages(caplog, 'circuit down opened (opened by the fleet)')
+    assert messages(caplog, 'circuit down closed (closed by the fleet)')
