@@ -20,7 +20,9 @@ timeout (60 s when timeouts are off), and the next request is a new trial.
 
 In fleet mode (``blackgate.store``) the store's thread decides CLOSED -> OPEN
 on the fleet's merged counts, hands out the fleet's one trial, and makes the
-breaker adopt the state the fleet agreed on.
+breaker follow the state the fleet agreed on. Following the fleet takes moves of
+its own (:data:`FLEET_MOVES`, e.g. OPEN -> CLOSED when a trial in another
+process succeeded), checked and announced through the same gate as the rest.
 
 .. warning::
 
@@ -31,14 +33,14 @@ breaker adopt the state the fleet agreed on.
 import logging
 import math
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from .config import CommandSettings
 from .errors import BlackgateError
 from .events import BreakerState
 from .metrics import HealthCounts, RollingMetrics
 
-__all__ = ('CircuitBreaker', 'DENY', 'ALLOW', 'TRIAL')
+__all__ = ('CircuitBreaker', 'DENY', 'ALLOW', 'TRIAL', 'FLEET_MOVES')
 
 log = logging.getLogger('blackgate')
 
@@ -47,12 +49,34 @@ CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.H
 #: What :meth:`CircuitBreaker.allow_request` answers.
 DENY, ALLOW, TRIAL = 0, 1, 2
 
+
+
+class _Move(NamedTuple):
+    """Why a move happens, and how it is logged."""
+
+    why: str
+    #: log the counts that tripped it
+    tripped: bool = False
+    #: log the new sleep window
+    reopened: bool = False
+
+
 _TRANSITIONS = {  # (from, to): why
-    (CLOSED, OPEN): 'error threshold reached',
-    (OPEN, HALF_OPEN): 'sleep window over',
-    (HALF_OPEN, CLOSED): 'trial succeeded',
-    (HALF_OPEN, OPEN): 'trial failed',
-    (HALF_OPEN, HALF_OPEN): 'trial lease over: a new trial',
+    (CLOSED, OPEN): _Move('error threshold reached', tripped=True),
+    (OPEN, HALF_OPEN): _Move('sleep window over'),
+    (HALF_OPEN, CLOSED): _Move('trial succeeded'),
+    (HALF_OPEN, OPEN): _Move('trial failed', reopened=True),
+    (HALF_OPEN, HALF_OPEN): _Move('trial lease over: a new trial'),
+}
+_RESET = _Move('reset')
+
+#: The moves a process makes to follow its fleet's shared state (fleet mode only),
+#: with the reason listeners' logs give when the store names none.
+FLEET_MOVES = {
+    (CLOSED, OPEN): 'opened by the fleet',
+    (OPEN, CLOSED): 'closed by the fleet',
+    (HALF_OPEN, CLOSED): 'closed by the fleet',
+    (HALF_OPEN, OPEN): 'opened by the fleet',
 }
 
 # How the settings make the breaker behave, worked out once per settings object.
@@ -74,8 +98,8 @@ class CircuitBreaker:
 
     __slots__ = ('command_key', 'metrics', 'clock', 'store', 'trial_lease', '_notify', '_lock',
                  '_announcements', '_announcing', '_state', '_opened_at', '_trial_started',
-                 '_version', '_fleet_permit_until', '_trial_from_fleet', '_settings', '_mode',
-                 '_volume', '_threshold', '_sleep_window')
+                 '_version', '_fleet_permit_until', '_fleet_claim', '_trial_claim', '_settings',
+                 '_mode', '_volume', '_threshold', '_sleep_window')
 
     def __init__(self, settings: CommandSettings, metrics: RollingMetrics, clock,
                  notify: Optional[Callable[[str, BreakerState, BreakerState], None]] = None
@@ -88,14 +112,17 @@ class CircuitBreaker:
         # Moves are announced (logged, told to listeners) after the lock is released, in
         # the order they happened: queued under the lock, delivered by one thread at a time.
         # (A list, not a deque: it is nearly always empty, and an empty deque costs 600 bytes.)
-        self._announcements: List[Tuple[BreakerState, BreakerState, str]] = []
+        self._announcements: List[Tuple[BreakerState, BreakerState, _Move]] = []
         self._announcing = threading.Lock()
         self._state = CLOSED
         self._opened_at = 0.0
         self._trial_started = 0.0
         self._version = 0                 # bumped by every change of state
+        # fleet mode: the claim of the fleet's trial this process holds (its id in Redis),
+        # unused until _fleet_permit_until, then carried by the running trial
         self._fleet_permit_until = -math.inf
-        self._trial_from_fleet = False
+        self._fleet_claim: Optional[str] = None
+        self._trial_claim: Optional[str] = None
         #: a fleet-mode state store (``blackgate.store``) sharing this breaker, or None
         self.store: Optional[Any] = None
         self.settings = settings
@@ -161,7 +188,7 @@ class CircuitBreaker:
     def evaluate(self, health: HealthCounts) -> None:
         """Judge a fresh health snapshot: while CLOSED, trip if it crosses the thresholds."""
         store = self.store
-        if store is not None and store.healthy:
+        if store is not None and store.judges():
             return   # the fleet's merged counts are judged by the store instead
         if health is not self.metrics.last_snapshot:
             return   # overtaken: a newer snapshot, or the counts were reset (breaker closed)
@@ -182,11 +209,11 @@ class CircuitBreaker:
 
     def trial_finished(self, succeeded: bool) -> None:
         """The trial request answered: close on success, re-open on anything else."""
-        from_fleet = self._trial_from_fleet
+        claim = self._trial_claim
         moved = self._transition(HALF_OPEN, CLOSED if succeeded else OPEN)
         store = self.store
-        if moved and from_fleet and store is not None:
-            store.send(self.command_key, 'success' if succeeded else 'failure')
+        if moved and claim is not None and store is not None:
+            store.send(self.command_key, 'success' if succeeded else 'failure', claim)
 
     def reset(self) -> None:
         """Close the breaker and forget the rolling counts, whatever the state (fleet-wide in fleet mode)."""
@@ -202,60 +229,64 @@ class CircuitBreaker:
         """A number that every change of state increases; :meth:`adopt` compares it."""
         return self._version
 
+    @property
+    def opened_at(self) -> float:
+        """When it last opened (monotonic seconds): the sleep window counts from there."""
+        return self._opened_at
+
     def is_tracking_open(self) -> bool:
         """Whether the state machine itself (forced flags aside) is OPEN or HALF_OPEN."""
         return self._state is not CLOSED
 
-    def holds_trial(self) -> bool:
-        """Whether this process is running the trial (HALF_OPEN here)."""
-        return self._state is HALF_OPEN
+    def fleet_claim(self) -> Optional[str]:
+        """The id of the fleet trial held here (an unused permit or the running trial), or None."""
+        with self._lock:
+            if self._state is HALF_OPEN:
+                return self._trial_claim
+            if self._state is OPEN and self.clock.monotonic() < self._fleet_permit_until:
+                return self._fleet_claim
+            return None
 
     def wants_trial(self) -> bool:
-        """OPEN, its sleep window over, and no fleet trial granted yet."""
+        """OPEN, its own sleep window over, and no fleet trial held."""
         now = self.clock.monotonic()
         return (self._state is OPEN and self._mode == _NORMAL
                 and now >= self._opened_at + self._sleep_window
                 and now >= self._fleet_permit_until)
 
-    def grant_fleet_trial(self, lease: float) -> None:
-        """The fleet gave this process its one trial: the next request here may take it."""
+    def grant_fleet_trial(self, permit: float, claim: str) -> None:
+        """The fleet gave this process trial ``claim``: a request within ``permit`` s takes it."""
         with self._lock:
             if self._state is OPEN:
-                self._fleet_permit_until = self.clock.monotonic() + lease
+                self._fleet_permit_until = self.clock.monotonic() + permit
+                self._fleet_claim = claim
 
-    def adopt(self, state: BreakerState, opened_at: Optional[float], why: str,
-              version: int) -> bool:
-        """Take the fleet's state, unless the breaker changed since ``version`` was read.
-
-        Like :meth:`reset`, allowed from any state. ``opened_at`` is the moment it
-        opened, on this process's monotonic clock.
-        """
+    def revoke_fleet_trial(self) -> None:
+        """The fleet no longer knows this process's claim: the permit is void."""
         with self._lock:
-            if self._version != version:
-                return False
-            old = self._state
-            if old is state and (state is not OPEN or opened_at is None
-                                 or opened_at == self._opened_at):
-                return True
-            self._state = state
-            self._version += 1
             self._fleet_permit_until = -math.inf
-            if state is OPEN and opened_at is not None:
-                self._opened_at = opened_at
-            elif state is CLOSED and old is not CLOSED:
-                self.metrics.reset()
-            if old is not state:
-                self._announcements.append((old, state, why))
-        self._deliver()
-        return True
+            self._fleet_claim = None
+
+    def adopt(self, state: BreakerState, version: int, opened_at: Optional[float] = None,
+              why: Optional[str] = None) -> bool:
+        """Follow the fleet to ``state``, unless the breaker moved since ``version`` was read.
+
+        ``opened_at`` is when the fleet opened it, on this process's monotonic clock: the
+        local sleep window never starts earlier than it did, so a process that loses Redis
+        keeps one trial per sleep window. Adopting the state it is in changes nothing else.
+        """
+        return self._transition(None, state, version=version, opened_at=opened_at, why=why)
 
     # -- the one way the state changes ----------------------------------------------
 
     def _transition(self, expected: Optional[BreakerState], to: BreakerState,
-                    now: Optional[float] = None) -> bool:
+                    now: Optional[float] = None, version: Optional[int] = None,
+                    opened_at: Optional[float] = None, why: Optional[str] = None) -> bool:
         """Swap ``expected`` for ``to``; False if another caller moved first.
 
-        ``expected=None`` is :meth:`reset`, the one move allowed from any state.
+        ``expected=None`` is :meth:`reset`, the one move allowed from any state, or with
+        ``version`` given, a fleet move (:data:`FLEET_MOVES`) made only if the breaker has
+        not moved since ``version`` was read.
         A move to HALF_OPEN (``now`` given) is a trial: with a healthy fleet store it
         needs the fleet's permit, and from HALF_OPEN it needs the old trial's lease over.
         """
@@ -263,8 +294,22 @@ class CircuitBreaker:
             raise BlackgateError('illegal circuit breaker transition %s -> %s' % (expected, to))
         with self._lock:
             old = self._state
-            if expected is not None and old is not expected:
-                return False
+            if version is not None:
+                if self._version != version:
+                    return False
+                if old is to:   # already there: only the sleep window may start later
+                    if to is OPEN and opened_at is not None and opened_at > self._opened_at:
+                        self._opened_at = opened_at
+                    return True
+                if (old, to) not in FLEET_MOVES:
+                    raise BlackgateError('illegal fleet transition %s -> %s' % (old, to))
+                move = _Move(why or FLEET_MOVES[old, to])
+            elif expected is None:
+                move = _RESET
+            else:
+                if old is not expected:
+                    return False
+                move = _TRANSITIONS[old, to]
             if to is HALF_OPEN:
                 if now is None:
                     now = self.clock.monotonic()
@@ -274,18 +319,23 @@ class CircuitBreaker:
                 fleet = store is not None and store.healthy
                 if fleet and now >= self._fleet_permit_until:
                     return False   # the store's thread hands out the fleet's one trial
-                self._fleet_permit_until = -math.inf
-                self._trial_from_fleet = fleet
+                self._trial_claim = self._fleet_claim if fleet else None
                 self._trial_started = now
+            self._fleet_permit_until = -math.inf
+            self._fleet_claim = None
             self._state = to
             self._version += 1
             if to is OPEN:
-                self._opened_at = self.clock.monotonic()
+                if opened_at is None:
+                    self._opened_at = self.clock.monotonic()
+                elif old is HALF_OPEN:   # a trial ran here: its window counts from it
+                    self._opened_at = max(opened_at, self._trial_started)
+                else:
+                    self._opened_at = opened_at
             elif to is CLOSED:
                 self.metrics.reset()
             if old is not to or to is HALF_OPEN:
-                self._announcements.append(
-                    (old, to, 'reset' if expected is None else _TRANSITIONS[old, to]))
+                self._announcements.append((old, to, move))
         self._deliver()
         return True
 
@@ -301,18 +351,19 @@ class CircuitBreaker:
             finally:
                 self._announcing.release()
 
-    def _announce(self, old: BreakerState, new: BreakerState, why: str) -> None:
-        if new is OPEN and why == _TRANSITIONS[CLOSED, OPEN]:
+    def _announce(self, old: BreakerState, new: BreakerState, move: _Move) -> None:
+        if move.tripped:
             health = self.metrics.health()
             log.warning('circuit %s opened (%s): %d errors in %d requests', self.command_key,
-                        why, health.error_count, health.total_requests)
-        elif new is OPEN and why == _TRANSITIONS[HALF_OPEN, OPEN]:
-            log.warning('circuit %s re-opened (trial failed) for %.3g s', self.command_key,
+                        move.why, health.error_count, health.total_requests)
+        elif move.reopened:
+            log.warning('circuit %s re-opened (%s) for %.3g s', self.command_key, move.why,
                         self._sleep_window)
         elif new is OPEN:
-            log.warning('circuit %s opened (%s)', self.command_key, why)
+            log.warning('circuit %s opened (%s)', self.command_key, move.why)
         else:
-            log.info('circuit %s %s (%s)', self.command_key, new.value.replace('_', '-'), why)
+            log.info('circuit %s %s (%s)', self.command_key, new.value.replace('_', '-'),
+                     move.why)
         if self._notify is not None and old is not new:
             self._notify(self.command_key, old, new)
 

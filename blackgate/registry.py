@@ -289,6 +289,11 @@ class Component:
             return {cls: command_key for cls, (command_key, _) in self._classes.items()}
 
     @property
+    def state_store(self) -> Optional[Any]:
+        """The running fleet-mode store (``blackgate.store.RedisStateStore``), or None."""
+        return self._store
+
+    @property
     def pools(self) -> Dict[str, ExecutorPool]:
         """The running pools by group key."""
         return dict(self._pools)
