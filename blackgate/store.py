@@ -187,8 +187,8 @@ def check_store_mapping(value: Any) -> Dict[str, Any]:
             raise ConfigError('%s: min_reporting_processes=%r is out of range; expected a '
                               'whole number of processes from 1 to 10000' % (owner, item))
     if importlib.util.find_spec('redis') is None:
-        raise ConfigError("%s: the redis backend needs redis-py: pip install 'blackgate[redis]'"
-                          % (owner,))
+        raise ConfigError("%s: the redis backend needs redis-py: pip install redis (in a "
+                          "checkout: pip install -e '.[redis]')" % (owner,))
     return dict(value)
 
 
