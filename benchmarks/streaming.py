@@ -126,30 +126,6 @@ async def _serve_blackgate(upstream: str) -> None:
     await asyncio.Event().wait()
 
 
-_NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid %(dir)s/nginx.pid;
-error_log %(dir)s/error.log error;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_max_body_size 0;
-    client_body_temp_path %(dir)s/body;
-    proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fastcgi;
-    uwsgi_temp_path %(dir)s/uwsgi;
-    scgi_temp_path %(dir)s/scgi;
-    server {
-        listen 127.0.0.1:%(port)d;
-        location /api/ {
-            proxy_pass http://127.0.0.1:%(upstream)d/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-"""
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -241,49 +217,31 @@ def _start(args: List[str]) -> subprocess.Popen:
 
 def run(megabytes: int = 200) -> List[Dict[str, Any]]:
     """Figures for Blackgate's gateway, nginx (if installed) and none (direct)."""
-    from .gateway import _free_port, _nginx
+    from .gateway import _Processes
     processes = []
     results = []
     try:
-        upstream = _start(['--role', 'upstream'])
-        processes.append(upstream)
-        upstream_port = int(upstream.stdout.readline())
-        blackgate = _start(['--role', 'blackgate', '--upstream-port', str(upstream_port)])
-        processes.append(blackgate)
-        results.append(_gateway_figures('Blackgate HTTPProxy', blackgate.pid,
-                                        int(blackgate.stdout.readline()), megabytes,
-                                        '/api/v1/events'))
-        binary = _nginx()
-        if binary is not None:
-            with tempfile.TemporaryDirectory() as workdir:
-                os.chmod(workdir, 0o777)   # nginx's workers spill bodies into it
-                port = _free_port()
-                conf = os.path.join(workdir, 'nginx.conf')
-                with open(conf, 'w') as out:
-                    out.write(_NGINX_CONF % {'dir': workdir, 'port': port,
-                                             'upstream': upstream_port})
-                nginx = subprocess.Popen([binary, '-c', conf, '-p', workdir],
-                                         stderr=subprocess.DEVNULL)
-                processes.append(nginx)
-                time.sleep(0.5)
-                children = subprocess.run(['pgrep', '-P', str(nginx.pid)], capture_output=True,
-                                          text=True).stdout.split()
-                worker = int(children[0]) if children else nginx.pid
-                results.append(_gateway_figures('nginx (defaults)', worker, port, megabytes,
-                                                '/api/v1/events'))
-        delays = asyncio.run(_events(upstream_port, '/events'))
-        results.append({'gateway': 'direct (no gateway)', 'events_received': len(delays),
-                        'event_delay_ms_median': statistics.median(delays) * 1e3,
-                        'event_delay_ms_max': max(delays) * 1e3})
+        with _Processes() as others, tempfile.TemporaryDirectory() as workdir:
+            upstream = _start(['--role', 'upstream'])
+            processes.append(upstream)
+            upstream_port = int(upstream.stdout.readline())
+            blackgate = _start(['--role', 'blackgate', '--upstream-port', str(upstream_port)])
+            processes.append(blackgate)
+            results.append(_gateway_figures('Blackgate HTTPProxy', blackgate.pid,
+                                            int(blackgate.stdout.readline()), megabytes,
+                                            '/api/v1/events'))
+            port = others.start_nginx([], upstream_port, workdir)   # with its defaults
+            if port is not None:
+                results.append(_gateway_figures('nginx (defaults)', others.pids[port], port,
+                                                megabytes, '/api/v1/events'))
+            delays = asyncio.run(_events(upstream_port, '/events'))
+            results.append({'gateway': 'direct (no gateway)', 'events_received': len(delays),
+                            'event_delay_ms_median': statistics.median(delays) * 1e3,
+                            'event_delay_ms_max': max(delays) * 1e3})
     finally:
         for process in processes:
-            process.terminate()   # (nginx's master stops its worker on SIGTERM)
-        for process in processes:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            process.kill()
+            process.wait(10)
     return results
 
 
