@@ -145,10 +145,15 @@ class ExecutorPool:
         max_queue_size`` like a submission, runs on the IOLoop, and calls ``release()``
         exactly once when it ends.
         """
+        if self.successor is not None:   # replaced by install(): the new pool decides
+            return self.successor.try_admit()
         slots = self._slots
         if not slots.try_acquire():
             return None
         if self.is_shut_down:   # refused like a full pool, as try_submit() does
+            if self.successor is not None:
+                slots.release()
+                return self.successor.try_admit()
             slots.release_refused()
             return None
         admitted = slots.in_use

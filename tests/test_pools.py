@@ -680,6 +680,19 @@ def test_work_running_on_a_replaced_pool_finishes_there_and_new_work_goes_to_the
     assert old.in_flight == 0 and old.rejected_count == 0
 
 
+def test_a_slot_taken_without_a_thread_from_a_replaced_pool_comes_from_its_successor():
+    install_pool(1, 0)
+    old = component.pool(GROUP)
+    component.add('executor_pool', {'group_key': GROUP, 'max_workers': 2})
+    component.install()
+    new = component.pool(GROUP)
+    release = old.try_admit()   # an HTTPProxyCommand that looked the pool up just before
+    assert release is not None and (old.in_flight, new.in_flight) == (0, 1)
+    assert new.try_admit() is not None and new.try_admit() is None   # the new bound: 2
+    release()
+    assert new.in_flight == 1 and old.rejected_count == 0
+
+
 def test_installs_under_load_reject_nothing(clock):
     """The chaos run's shape, bounded: callers hammer while install() keeps resizing the pool."""
     install_pool(4, 0)
