@@ -236,6 +236,10 @@ class HTTPProxyCommand(Command):
     """
 
     group_admission = True
+    #: A full bulkhead means the gateway's own callers outnumber its slots, not that
+    #: the upstream is sick: rejections are counted and answered 503, but they do not
+    #: open the breaker (resilience4j and Envoy do the same). Set True for Hystrix's rule.
+    circuit_breaker_count_rejections = False
 
     #: True: read the whole request and response bodies into memory, as
     #: ``request['data']`` and ``response['content']`` (bytes), for hooks that read or
