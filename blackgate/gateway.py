@@ -50,7 +50,7 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from .config import COMMAND_DEFAULTS, check_value, resolve_command_settings
 from .errors import BadRequest, ConfigError
-from .proxy import HTTPProxy, HTTPProxyCommand
+from .proxy import GatewayNotFound, HTTPProxy, HTTPProxyCommand
 from .registry import component
 from .server import SERVER_SETTINGS, GatewayServer, ServerSettings
 from .store import check_store_mapping
@@ -681,7 +681,8 @@ def build_application(config: GatewayConfig, worker: Optional['_Worker'] = None,
             settings['websocket'] = True
         pattern = '/.*' if route.prefix == '/' else re.escape(route.prefix) + '(?:/.*)?'
         handlers.append((pattern, HTTPProxy, settings))
-    return tornado.web.Application(handlers, log_function=_access_logger(config.access_log))
+    return tornado.web.Application(handlers, log_function=_access_logger(config.access_log),
+                                   default_handler_class=GatewayNotFound)
 
 
 class _Switch(tornado.httputil.HTTPServerConnectionDelegate):
