@@ -32,6 +32,7 @@ body. A small body that arrives whole at once is sent whole, with its length.
    block in them.
 """
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -259,6 +260,10 @@ class HTTPProxyCommand(Command):
     #: or longer one streams. An event stream never waits.
     body_buffer_window: float = 0.05
 
+    # Set by HTTPProxy when it expects a refusal (the breaker is open) and so has not
+    # built the request dict: run() builds it, should the command be let through after all.
+    _proxy_build_request: Optional[Any] = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_proxy_settings(cls)
@@ -294,6 +299,11 @@ class HTTPProxyCommand(Command):
 
     async def run(self) -> Dict[str, Any]:
         """``before_request()``, one upstream exchange, ``after_response()``; the response."""
+        if self.request is None and self._proxy_build_request is not None:
+            request = self._proxy_build_request()
+            if request is None:   # the handler has answered 400 already
+                raise BadRequest('the request target was refused')
+            self.request = request
         self.before_request()
         request = self.request
         url = request.get('url')
@@ -811,8 +821,20 @@ class HTTPProxy(tornado.web.RequestHandler):
         request['body'] = body
         self._start(request)
 
-    def _start(self, request: Dict[str, Any]) -> None:
-        command = self._instance = self.command(request)
+    def _refusal_expected(self) -> bool:
+        command = self.command
+        return (command.fallback is Command.fallback and component.tracer is None
+                and command.__init__ is HTTPProxyCommand.__init__
+                and component.circuit_breaker(command.command_key).is_open())
+
+    def _request_later(self) -> Optional[Dict[str, Any]]:
+        chunks = self._chunks
+        return self._request_dict(chunks[0] if len(chunks) == 1 else b''.join(chunks))
+
+    def _start(self, request: Optional[Dict[str, Any]]) -> None:
+        command = self._instance = self.command(request)  # type: ignore[arg-type]
+        if request is None:
+            command._proxy_build_request = self._request_later
         if self.max_response_body_size is not None:
             command.max_response_body_size = self.max_response_body_size
         if component.tracer is None:
@@ -829,6 +851,10 @@ class HTTPProxy(tornado.web.RequestHandler):
             return
         if self._body is not None:
             self._body.end()
+        elif self._refusal_expected():
+            # The breaker is open and only the gateway's 503 can answer: no request dict
+            # (unless the breaker lets this one through after all: run() builds it then).
+            self._start(None)
         else:
             chunks = self._chunks
             request = self._request_dict(chunks[0] if len(chunks) == 1 else b''.join(chunks))
@@ -1159,8 +1185,13 @@ class GatewayNotFound(tornado.web.RequestHandler):
         _finish_json(self, reason.lower(), reason.lower().replace(' ', '-'), None, None)
 
 
+@functools.lru_cache(maxsize=4096)
 def _error_body(error: str, command_key: Optional[str], failure_type: Optional[str]) -> bytes:
-    """The gateway's short JSON error: ``{"error", "command_key", "failure_type"}``."""
+    """The gateway's short JSON error: ``{"error", "command_key", "failure_type"}``.
+
+    Built once per (error, command key, failure type), all from small fixed sets: a
+    refusal under overload (a 503 per request) encodes no JSON.
+    """
     return json.dumps({'error': error, 'command_key': command_key,
                        'failure_type': failure_type}).encode('ascii')
 

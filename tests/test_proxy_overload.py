@@ -12,8 +12,8 @@ import pytest
 
 from blackgate import BreakerState, Event, HTTPProxyCommand, component
 from blackgate.web import command_sample
-from proxy_upstream import (TEST_TIMEOUT, Stall, Upstream, answer, forward_to,  # noqa: F401
-                            gateway, install_pool)
+from proxy_upstream import (TEST_TIMEOUT, Reply, Stall, Upstream, answer, echo,  # noqa: F401
+                            forward_to, gateway, install_pool, upstream)
 
 pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT)
 
@@ -93,3 +93,49 @@ async def test_counting_rejections_reproduces_hystrix_opening_the_breaker(
     assert (503, 'SHORTCIRCUIT') in answers
     health = metrics.health()
     assert health.error_count >= metrics.rolling_count(Event.THREAD_POOL_REJECTED) > 0
+
+
+# -- the short refusal path -----------------------------------------------------------------
+
+async def test_while_the_breaker_is_open_refusals_are_the_same_json_503(upstream, gateway):
+    install_pool('proxy')
+    proxy = gateway(forward_to(upstream.url, 'Closed', circuit_breaker_force_open=True))
+    first, second = [await proxy.fetch('GET', '/x?a=1', headers=[('X-Client', 'one')])
+                     for _ in range(2)]
+    for response in (first, second):
+        assert response.status == 503
+        assert response.header('X-Blackgate-Error') == 'short-circuited'
+        assert response.header('Retry-After') == '5'
+        assert response.json() == {'error': 'circuit breaker open', 'command_key': 'Closed',
+                                   'failure_type': 'SHORTCIRCUIT'}
+    assert first.body == second.body
+    assert upstream.received == []
+    assert component.metrics('Closed').rolling_count(Event.SHORT_CIRCUITED) == 2
+
+
+async def test_the_trial_after_the_sleep_window_forwards_the_whole_request(
+        clock, upstream, gateway):
+    # While OPEN the handler expects a refusal and builds no request dict; once the sleep
+    # window is over the breaker lets one trial through, which must still carry everything.
+    install_pool('proxy')
+    sick = True
+    upstream.respond = lambda received: Reply(500, 'Oops') if sick else echo(received)
+    proxy = gateway(forward_to(upstream.url, 'Recovering',
+                               circuit_breaker_request_volume_threshold=2,
+                               metrics_health_snapshot_interval=0))
+    for _ in range(2):
+        assert (await proxy.fetch('GET', '/x')).status == 500
+    breaker = component.circuit_breaker('Recovering')
+    assert breaker.state is BreakerState.OPEN
+    assert (await proxy.fetch('GET', '/x')).status == 503
+    sick = False
+    clock.advance(6.0)
+    response = await proxy.fetch('POST', '/trial?q=1', headers=[('X-Client', 'yes')],
+                                 body=b'payload')
+    assert response.status == 200
+    received = upstream.received[-1]
+    assert (received.method, received.target, received.body) == ('POST', '/trial?q=1',
+                                                                 b'payload')
+    assert received.header('X-Client') == 'yes'
+    assert received.header('X-Forwarded-For') == '127.0.0.1'
+    assert breaker.state is BreakerState.CLOSED
