@@ -105,10 +105,15 @@ class _Answering:
     reading_head = True
     #: the head announced a Content-Length over the server's body limit
     body_too_large = False
+    #: the current request's answer has begun (bytes after it are never Tornado's 400)
+    responding = False
 
     def write(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        if len(data) == len(_TORNADO_400) and data == _TORNADO_400:
-            data = _BODY_TOO_LARGE if self.body_too_large else _BAD_REQUEST
+        if not self.responding:
+            if len(data) == len(_TORNADO_400) and data == _TORNADO_400:
+                data = _BODY_TOO_LARGE if self.body_too_large else _BAD_REQUEST
+            if not (isinstance(data, bytes) and data.startswith(b'HTTP/1.1 100 ')):
+                self.responding = True   # an interim 100 Continue is not the answer
         return super().write(data, *args, **kwargs)  # type: ignore[misc]
 
     def close(self, exc_info: Any = False) -> None:
@@ -266,6 +271,7 @@ class GatewayServer(tornado.httpserver.HTTPServer):
         if isinstance(stream, _Answering):
             stream.reading_head = True
             stream.body_too_large = False
+            stream.responding = False
         watch = _Watch(delegate, request_conn, self.settings.client_body_timeout,
                        stream if isinstance(stream, _Answering) else None,
                        self.conn_params.max_body_size)

@@ -143,3 +143,17 @@ async def test_a_malformed_content_length_is_400_json_not_a_bare_status_line(api
     response = await api.fetch('POST', '/api/x', headers=[('Content-Length', 'abc')])
     assert_json_error(response, 400, 'bad-request')
     assert upstream.received == []
+
+
+async def test_a_body_that_spells_tornados_bare_400_is_sent_unchanged(served):
+    bare = b'HTTP/1.1 400 Bad Request\r\n\r\n'
+
+    class Spells(tornado.web.RequestHandler):
+        async def get(self):
+            self.set_header('Content-Length', len(bare))
+            await self.flush()   # the head goes alone; the body is a write of its own
+            self.finish(bare)
+
+    gateway = served(tornado.web.Application([('/spells', Spells)]))
+    response = await gateway.fetch('GET', '/spells')
+    assert (response.status, response.body) == (200, bare)
