@@ -142,6 +142,10 @@ class Command:
     circuit_breaker_sleep_window: float = COMMAND_DEFAULTS['circuit_breaker_sleep_window']
     circuit_breaker_force_open: bool = False
     circuit_breaker_force_closed: bool = False
+    #: Whether THREAD_POOL_REJECTED and SEMAPHORE_REJECTED count as errors for the
+    #: breaker (Hystrix: yes). False: they are still counted in the metrics and still
+    #: fall back, but move neither the error percentage nor the request volume.
+    circuit_breaker_count_rejections: bool = True
     metrics_rolling_window: float = COMMAND_DEFAULTS['metrics_rolling_window']
     metrics_rolling_buckets: int = COMMAND_DEFAULTS['metrics_rolling_buckets']
     metrics_health_snapshot_interval: float = \

@@ -75,6 +75,7 @@ class CommandSettings:
     circuit_breaker_sleep_window: float = DEFAULT_SLEEP_WINDOW
     circuit_breaker_force_open: bool = False
     circuit_breaker_force_closed: bool = False
+    circuit_breaker_count_rejections: bool = True
     metrics_rolling_window: float = DEFAULT_ROLLING_WINDOW
     metrics_rolling_buckets: int = DEFAULT_ROLLING_BUCKETS
     metrics_health_snapshot_interval: float = DEFAULT_HEALTH_SNAPSHOT_INTERVAL
@@ -171,6 +172,7 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     'circuit_breaker_sleep_window': _number(0, MAX_SECONDS),
     'circuit_breaker_force_open': _boolean(),
     'circuit_breaker_force_closed': _boolean(),
+    'circuit_breaker_count_rejections': _boolean(),
     'metrics_rolling_window': _number(0.001, MAX_SECONDS),
     'metrics_rolling_buckets': _integer(1, 10_000),
     'metrics_health_snapshot_interval': _number(0, MAX_SECONDS),

@@ -50,7 +50,7 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from .config import COMMAND_DEFAULTS, check_value, resolve_command_settings
 from .errors import BadRequest, ConfigError
-from .proxy import HTTPProxy, HTTPProxyCommand
+from .proxy import GatewayNotFound, HTTPProxy, HTTPProxyCommand
 from .registry import component
 from .server import SERVER_SETTINGS, GatewayServer, ServerSettings
 from .store import check_store_mapping
@@ -79,6 +79,9 @@ _ROUTE_OWN_KEYS = ('prefix', 'upstream', 'group_key', 'command_key', 'strip_pref
                    'rewrite_prefix', 'websocket', 'trust_forwarded_headers', 'via',
                    'max_body_size', 'fallback') + ('buffer_body', 'body_idle_timeout',
                                                    'max_response_body_size')
+#: The gateway's own defaults, under the file's command_defaults: as for HTTPProxyCommand,
+#: a full pool is the callers' doing, so its rejections do not open the breaker.
+_ROUTE_DEFAULTS = {'circuit_breaker_count_rejections': False}
 _FALLBACK_KEYS = ('status', 'reason', 'headers', 'body')
 _STORE_KEYS = ('backend', 'url', 'prefix', 'interval', 'socket_timeout')
 _PREFIX = re.compile(r'/[A-Za-z0-9._~!$&\'()*+,;=:@%/-]*')
@@ -444,7 +447,8 @@ class _Checker:
             if key in item:
                 own[key] = self.setting(where + '.' + key, key, item[key])
         try:
-            resolved = resolve_command_settings(command_key, {}, defaults,
+            resolved = resolve_command_settings(command_key, {},
+                                                dict(_ROUTE_DEFAULTS, **defaults),
                                                 dict(own, group_key=group_key))
         except ConfigError as exc:
             raise self.fail(where, str(exc).split(': ', 1)[-1]) from None
@@ -677,7 +681,8 @@ def build_application(config: GatewayConfig, worker: Optional['_Worker'] = None,
             settings['websocket'] = True
         pattern = '/.*' if route.prefix == '/' else re.escape(route.prefix) + '(?:/.*)?'
         handlers.append((pattern, HTTPProxy, settings))
-    return tornado.web.Application(handlers, log_function=_access_logger(config.access_log))
+    return tornado.web.Application(handlers, log_function=_access_logger(config.access_log),
+                                   default_handler_class=GatewayNotFound)
 
 
 class _Switch(tornado.httputil.HTTPServerConnectionDelegate):

@@ -40,6 +40,8 @@ __all__ = ('RollingMetrics', 'HealthCounts', 'LatencySummary', 'LatencyHistogram
 _EVENTS = tuple(Event)
 _INDEX = {event: i for i, event in enumerate(_EVENTS)}
 _ERROR_INDEXES = tuple(_INDEX[e] for e in ERROR_EVENTS)
+_REJECTION_EVENTS = frozenset((Event.THREAD_POOL_REJECTED, Event.SEMAPHORE_REJECTED))
+_FAILURE_INDEXES = tuple(_INDEX[e] for e in ERROR_EVENTS - _REJECTION_EVENTS)
 _SUCCESS_INDEX = _INDEX[Event.SUCCESS]
 _BINS_PER_OCTAVE = 16   # bin k holds [2**(j/16), 2**((j+1)/16)) seconds, j = k - _KEY_OFFSET
 # Keeps keys positive for any time from 2**-64 s up, so that int() is floor(): cheaper.
@@ -52,7 +54,8 @@ class HealthCounts(NamedTuple):
 
     #: errors plus successes (short-circuits and bad requests are not requests here)
     total_requests: int
-    #: FAILURE + TIMEOUT + THREAD_POOL_REJECTED + SEMAPHORE_REJECTED
+    #: FAILURE + TIMEOUT + THREAD_POOL_REJECTED + SEMAPHORE_REJECTED (the two
+    #: rejections only while ``circuit_breaker_count_rejections`` is True)
     error_count: int
     #: 100 * error_count / total_requests, 0.0 when there were no requests
     error_percentage: float
@@ -181,10 +184,10 @@ class RollingMetrics:
 
     __slots__ = ('command_key', 'clock', '_lock', '_ring', '_pending', '_running', '_peak',
                  '_peak_at', '_shape', '_window', '_width', '_interval', '_buckets', '_snapshot',
-                 '_snapshot_due', '_past')
+                 '_snapshot_due', '_past', '_error_indexes')
 
     def __init__(self, command_key: str, window: float, buckets: int,
-                 snapshot_interval: float, clock) -> None:
+                 snapshot_interval: float, clock, count_rejections: bool = True) -> None:
         self.command_key = command_key
         self.clock = clock
         self._lock = threading.Lock()
@@ -205,7 +208,8 @@ class RollingMetrics:
         self._snapshot_due = -math.inf
         # What left the ring (out of the window, or cleared), summed: made on first use.
         self._past: Optional[_Bucket] = None
-        self.configure(window, buckets, snapshot_interval)
+        self._error_indexes = _ERROR_INDEXES
+        self.configure(window, buckets, snapshot_interval, count_rejections)
 
     # -- recording (hot path) -------------------------------------------------------
 
@@ -357,9 +361,18 @@ class RollingMetrics:
         ring.insert(position + 1, bucket)
         return bucket
 
-    def configure(self, window: float, buckets: int, snapshot_interval: float) -> None:
-        """Take a new window shape; the counts restart if it changed."""
+    def configure(self, window: float, buckets: int, snapshot_interval: float,
+                  count_rejections: bool = True) -> None:
+        """Take a new window shape; the counts restart if it changed.
+
+        ``count_rejections``: whether the two rejections count as errors (and so as
+        requests) in :meth:`health`; they are counted as events either way.
+        """
         with self._lock:
+            indexes = _ERROR_INDEXES if count_rejections else _FAILURE_INDEXES
+            if indexes is not self._error_indexes:
+                self._error_indexes = indexes
+                self._snapshot_due = -math.inf   # the next snapshot judges by the new rule
             shape = (float(window), int(buckets), float(snapshot_interval))
             if shape == self._shape:
                 return
@@ -421,10 +434,11 @@ class RollingMetrics:
 
     def _health(self, now: Optional[float] = None) -> HealthCounts:
         errors = successes = 0
+        error_indexes = self._error_indexes
         for bucket in self._live(now):
             counts = bucket.counts
             successes += counts[_SUCCESS_INDEX]
-            for i in _ERROR_INDEXES:
+            for i in error_indexes:
                 errors += counts[i]
         total = errors + successes
         return HealthCounts(total, errors, 100.0 * errors / total if total else 0.0)

@@ -32,6 +32,7 @@ body. A small body that arrives whole at once is sent whole, with its length.
    block in them.
 """
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -58,8 +59,9 @@ try:
 except ImportError:  # urllib3 1.26
     from urllib3._collections import HTTPHeaderDict
 
-__all__ = ('HTTPProxy', 'HTTPProxyCommand', 'UpstreamBody', 'UpstreamError', 'UpstreamTimeout',
-           'UpstreamServerError', 'ClientGone', 'ProxyMisconfigured')
+__all__ = ('HTTPProxy', 'HTTPProxyCommand', 'GatewayNotFound', 'UpstreamBody',
+           'UpstreamError', 'UpstreamTimeout', 'UpstreamServerError', 'ClientGone',
+           'ProxyMisconfigured')
 
 #: Fields that describe one connection, not the message (RFC 9110 §7.6.1), and the
 #: proxy credentials meant for this hop only. Dropped both ways, with every field
@@ -236,6 +238,10 @@ class HTTPProxyCommand(Command):
     """
 
     group_admission = True
+    #: A full bulkhead means the gateway's own callers outnumber its slots, not that
+    #: the upstream is sick: rejections are counted and answered 503, but they do not
+    #: open the breaker (resilience4j and Envoy do the same). Set True for Hystrix's rule.
+    circuit_breaker_count_rejections = False
 
     #: True: read the whole request and response bodies into memory, as
     #: ``request['data']`` and ``response['content']`` (bytes), for hooks that read or
@@ -253,6 +259,10 @@ class HTTPProxyCommand(Command):
     #: :data:`BUFFER_SIZE` bytes) and still be sent whole, with its length; a slower
     #: or longer one streams. An event stream never waits.
     body_buffer_window: float = 0.05
+
+    # Set by HTTPProxy when it expects a refusal (the breaker is open) and so has not
+    # built the request dict: run() builds it, should the command be let through after all.
+    _proxy_build_request: Optional[Any] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -289,6 +299,11 @@ class HTTPProxyCommand(Command):
 
     async def run(self) -> Dict[str, Any]:
         """``before_request()``, one upstream exchange, ``after_response()``; the response."""
+        if self.request is None and self._proxy_build_request is not None:
+            request = self._proxy_build_request()
+            if request is None:   # the handler has answered 400 already
+                raise BadRequest('the request target was refused')
+            self.request = request
         self.before_request()
         request = self.request
         url = request.get('url')
@@ -743,6 +758,11 @@ class HTTPProxy(tornado.web.RequestHandler):
             self._gateway_error(500, 'gateway misconfigured', 'misconfigured')
             return
         headers = self.request.headers
+        if 'Transfer-Encoding' in headers and self.request.version == 'HTTP/1.0':
+            # RFC 9112 §6.1: faulty framing, whatever Content-Length says. Answered
+            # before the body is read, so Tornado closes the connection after it.
+            self._gateway_error(400, 'bad request framing', 'bad-request')
+            return
         if _wants_websocket(headers):
             if not self.websocket or self.request.method != 'GET':
                 self._gateway_error(403, 'websocket not allowed here', 'websocket-refused')
@@ -801,8 +821,20 @@ class HTTPProxy(tornado.web.RequestHandler):
         request['body'] = body
         self._start(request)
 
-    def _start(self, request: Dict[str, Any]) -> None:
-        command = self._instance = self.command(request)
+    def _refusal_expected(self) -> bool:
+        command = self.command
+        return (command.fallback is Command.fallback and component.tracer is None
+                and command.__init__ is HTTPProxyCommand.__init__
+                and component.circuit_breaker(command.command_key).is_open())
+
+    def _request_later(self) -> Optional[Dict[str, Any]]:
+        chunks = self._chunks
+        return self._request_dict(chunks[0] if len(chunks) == 1 else b''.join(chunks))
+
+    def _start(self, request: Optional[Dict[str, Any]]) -> None:
+        command = self._instance = self.command(request)  # type: ignore[arg-type]
+        if request is None:
+            command._proxy_build_request = self._request_later
         if self.max_response_body_size is not None:
             command.max_response_body_size = self.max_response_body_size
         if component.tracer is None:
@@ -819,6 +851,10 @@ class HTTPProxy(tornado.web.RequestHandler):
             return
         if self._body is not None:
             self._body.end()
+        elif self._refusal_expected():
+            # The breaker is open and only the gateway's 503 can answer: no request dict
+            # (unless the breaker lets this one through after all: run() builds it then).
+            self._start(None)
         else:
             chunks = self._chunks
             request = self._request_dict(chunks[0] if len(chunks) == 1 else b''.join(chunks))
@@ -1092,13 +1128,8 @@ class HTTPProxy(tornado.web.RequestHandler):
         self._json_error(error, marker, failure_type)
 
     def _json_error(self, error: str, marker: str, failure_type: Optional[str]) -> None:
-        self.set_header('Content-Type', 'application/json')
-        self.set_header('Cache-Control', 'no-store')
-        self.set_header('X-Blackgate-Error', marker)
         command = getattr(self, 'command', None)
-        body = {'error': error, 'command_key': getattr(command, 'command_key', None),
-                'failure_type': failure_type}
-        self.finish(json.dumps(body).encode('ascii'))
+        _finish_json(self, error, marker, getattr(command, 'command_key', None), failure_type)
 
     def on_finish(self) -> None:
         pending = self._pending
@@ -1106,6 +1137,71 @@ class HTTPProxy(tornado.web.RequestHandler):
             # Answered before the command settled (a body over the limit): its outcome is
             # counted all the same; nobody waits for the future itself.
             pending.add_done_callback(_consume)
+
+
+@tornado.web.stream_request_body
+class GatewayNotFound(tornado.web.RequestHandler):
+    """The gateway's JSON answer to a request that no route matches, for every method.
+
+    A Tornado ``Application`` routes by path alone, so a target such as
+    ``OPTIONS *`` or an absolute-form ``GET http://elsewhere/x`` matches no
+    route and would get Tornado's HTML 404. Mount this as the application's
+    default handler and they get the gateway's short JSON error instead::
+
+        tornado.web.Application(routes, default_handler_class=GatewayNotFound)
+
+    A target that is not a path (``*``, ``host:port``) is answered 400, any
+    other 404. The request body is not read.
+    """
+
+    SUPPORTED_METHODS = HTTPProxy.SUPPORTED_METHODS
+
+    def set_default_headers(self) -> None:
+        self.clear_header('Server')
+
+    def check_xsrf_cookie(self) -> None:
+        """Nothing: there is nothing here to protect."""
+
+    def compute_etag(self) -> Optional[str]:
+        return None
+
+    def prepare(self) -> None:
+        target = self.request.uri or ''
+        if target.startswith('/') or _ABSOLUTE_FORM.match(target):
+            self.set_status(404)
+            _finish_json(self, 'no route', 'no-route', None, None)
+        else:
+            self.set_status(400)
+            _finish_json(self, 'bad request target', 'bad-request', None, None)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Dropped: the answer does not depend on the body."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado's own errors (405, or a bug: 500) as the same short JSON; no traceback."""
+        if status_code == 405:
+            self.set_header('Allow', ', '.join(self.SUPPORTED_METHODS))
+        reason = tornado.httputil.responses.get(status_code, 'Unknown')
+        _finish_json(self, reason.lower(), reason.lower().replace(' ', '-'), None, None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _error_body(error: str, command_key: Optional[str], failure_type: Optional[str]) -> bytes:
+    """The gateway's short JSON error: ``{"error", "command_key", "failure_type"}``.
+
+    Built once per (error, command key, failure type), all from small fixed sets: a
+    refusal under overload (a 503 per request) encodes no JSON.
+    """
+    return json.dumps({'error': error, 'command_key': command_key,
+                       'failure_type': failure_type}).encode('ascii')
+
+
+def _finish_json(handler: tornado.web.RequestHandler, error: str, marker: str,
+                 command_key: Optional[str], failure_type: Optional[str]) -> None:
+    handler.set_header('Content-Type', 'application/json')
+    handler.set_header('Cache-Control', 'no-store')
+    handler.set_header('X-Blackgate-Error', marker)
+    handler.finish(_error_body(error, command_key, failure_type))
 
 
 _SETTINGS = ('max_body_size', 'max_response_body_size', 'trust_forwarded_headers', 'via',

@@ -59,7 +59,8 @@ class KeyState:
         """Take new settings, in place: the counts restart only if the window's shape changed."""
         self.settings = settings
         self.metrics.configure(settings.metrics_rolling_window, settings.metrics_rolling_buckets,
-                               settings.metrics_health_snapshot_interval)
+                               settings.metrics_health_snapshot_interval,
+                               settings.circuit_breaker_count_rejections)
         self.breaker.settings = settings
         self.run_permits.limit = settings.max_concurrent_requests
         self.fallback_permits.limit = settings.fallback_max_concurrent_requests
@@ -68,7 +69,8 @@ class KeyState:
 def _new_metrics(settings: CommandSettings, clock) -> RollingMetrics:
     return RollingMetrics(settings.command_key, settings.metrics_rolling_window,
                           settings.metrics_rolling_buckets,
-                          settings.metrics_health_snapshot_interval, clock)
+                          settings.metrics_health_snapshot_interval, clock,
+                          settings.circuit_breaker_count_rejections)
 
 
 class Component:

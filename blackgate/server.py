@@ -22,7 +22,12 @@ application of their own::
   is answered ``503`` and closed, and logged once per interval;
 - ``max_header_size`` (65536): bytes of a request head (Tornado's own setting).
 
-A connection that runs out of time is closed without an answer. A request
+A connection that runs out of time is closed without an answer. Where Tornado
+itself would answer before any handler runs, the client gets the gateway's
+short JSON error instead: a request head over ``max_header_size`` (which
+Tornado closes without a word) is answered ``431``, a ``Content-Length`` over
+the server's ``max_body_size`` ``413``, and any other malformed request ``400``
+(Tornado sends a bare ``400`` with no body). A request
 whose body stalls never reaches its command, so no upstream is called and no
 failure is counted against it: a slow client is the client's fault.
 
@@ -36,6 +41,7 @@ import copy
 import dataclasses
 import logging
 import math
+import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -68,6 +74,73 @@ REFUSAL_LOG_INTERVAL = 10.0
 _REFUSAL = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
             b'Retry-After: 1\r\nConnection: close\r\nX-Blackgate-Error: too-many-connections\r\n'
             b'Content-Length: 33\r\n\r\n{"error": "too many connections"}')
+
+
+
+
+def _json_answer(status: str, marker: str, error: str) -> bytes:
+    body = ('{"error": "%s", "command_key": null, "failure_type": null}' % (error,)).encode()
+    return (('HTTP/1.1 %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n'
+             'X-Blackgate-Error: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n'
+             % (status, marker, len(body))).encode('ascii') + body)
+
+
+# What Tornado's HTTP1Connection writes for any malformed request, and what goes instead.
+_TORNADO_400 = b'HTTP/1.1 400 Bad Request\r\n\r\n'
+_BAD_REQUEST = _json_answer('400 Bad Request', 'bad-request', 'bad request')
+_BODY_TOO_LARGE = _json_answer('413 Content Too Large', 'body-too-large', 'request body too large')
+_HEAD_TOO_LARGE = _json_answer('431 Request Header Fields Too Large', 'head-too-large',
+                               'request head too large')
+
+
+class _Answering:
+    """Mixed into a client connection's IOStream: JSON where Tornado answers nothing or bare.
+
+    Tornado closes a connection whose request head outgrows ``max_header_size``
+    (the read fails with ``UnsatisfiableReadError``) and writes a bare 400 for a
+    malformed request, both before any handler runs: only the stream sees them.
+    """
+
+    #: True from the start of each request until its head has been parsed
+    reading_head = True
+    #: the head announced a Content-Length over the server's body limit
+    body_too_large = False
+    #: the current request's answer has begun (bytes after it are never Tornado's 400)
+    responding = False
+
+    def write(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.responding:
+            if len(data) == len(_TORNADO_400) and data == _TORNADO_400:
+                data = _BODY_TOO_LARGE if self.body_too_large else _BAD_REQUEST
+            if not (isinstance(data, bytes) and data.startswith(b'HTTP/1.1 100 ')):
+                self.responding = True   # an interim 100 Continue is not the answer
+        return super().write(data, *args, **kwargs)  # type: ignore[misc]
+
+    def close(self, exc_info: Any = False) -> None:
+        error = exc_info
+        if error is True:
+            error = sys.exc_info()[1]
+        elif isinstance(error, tuple):
+            error = error[1]
+        if isinstance(error, tornado.iostream.UnsatisfiableReadError) and self.reading_head \
+                and not self.closed():  # type: ignore[attr-defined]
+            try:
+                super().write(_HEAD_TOO_LARGE)  # type: ignore[misc]
+            except tornado.iostream.StreamClosedError:
+                pass
+        super().close(exc_info)  # type: ignore[misc]
+
+
+class _GatewayStream(_Answering, tornado.iostream.IOStream):
+    pass
+
+
+class _GatewaySSLStream(_Answering, tornado.iostream.SSLIOStream):
+    pass
+
+
+_ANSWERING = {tornado.iostream.IOStream: _GatewayStream,
+              tornado.iostream.SSLIOStream: _GatewaySSLStream}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +256,25 @@ class GatewayServer(tornado.httpserver.HTTPServer):
         if self._draining or len(self._open) >= self.settings.max_connections:
             self._refuse(stream, address)
             return
+        answering = _ANSWERING.get(type(stream))
+        if answering is not None:
+            # The same object, given the overrides of _Answering (which add no state of
+            # their own to its layout): TCPServer made it before this hook runs.
+            stream.__class__ = answering
         super().handle_stream(stream, address)
 
     def start_request(self, server_conn: object,
                       request_conn: tornado.httputil.HTTPConnection
                       ) -> tornado.httputil.HTTPMessageDelegate:
         delegate = super().start_request(server_conn, request_conn)
-        watch = _Watch(delegate, request_conn, self.settings.client_body_timeout)
+        stream = getattr(request_conn, 'stream', None)
+        if isinstance(stream, _Answering):
+            stream.reading_head = True
+            stream.body_too_large = False
+            stream.responding = False
+        watch = _Watch(delegate, request_conn, self.settings.client_body_timeout,
+                       stream if isinstance(stream, _Answering) else None,
+                       self.conn_params.max_body_size)
         self._open[server_conn] = watch
         # The connection's next request waits for its head under the keep-alive timeout.
         server_conn.params = self._keepalive_params   # type: ignore[attr-defined]
@@ -242,12 +327,17 @@ class GatewayServer(tornado.httpserver.HTTPServer):
 class _Watch(tornado.httputil.HTTPMessageDelegate):
     """Wraps one request's delegate: notes when it starts, times the body's silences."""
 
-    __slots__ = ('delegate', 'request_conn', 'idle', 'path', '_timeout', '_last', '_timer')
+    __slots__ = ('delegate', 'request_conn', 'idle', 'path', '_timeout', '_last', '_timer',
+                 '_stream', '_body_limit')
 
     def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate,
-                 request_conn: tornado.httputil.HTTPConnection, body_timeout: float) -> None:
+                 request_conn: tornado.httputil.HTTPConnection, body_timeout: float,
+                 stream: Optional[_Answering] = None,
+                 body_limit: Optional[int] = None) -> None:
         self.delegate = delegate
         self.request_conn = request_conn
+        self._stream = stream
+        self._body_limit = body_limit
         self.idle = True   # until the head is in
         self.path = ''
         self._timeout = body_timeout
@@ -257,6 +347,15 @@ class _Watch(tornado.httputil.HTTPMessageDelegate):
     def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> Any:
         self.idle = False
         self.path = getattr(start_line, 'path', '')
+        stream = self._stream
+        if stream is not None:
+            stream.reading_head = False
+            length = headers.get('Content-Length', '')
+            limit = self._body_limit
+            if limit is None:
+                limit = getattr(stream, 'max_buffer_size', None)
+            stream.body_too_large = bool(limit is not None and length.isdigit()
+                                         and int(length) > limit)
         if headers.get('Content-Length', '0') not in ('', '0') or \
                 'chunked' in headers.get('Transfer-Encoding', '').lower():
             loop = tornado.ioloop.IOLoop.current()

@@ -192,6 +192,25 @@ def test_each_kind_of_error_counts_toward_tripping_the_breaker(clock, gate, even
     assert component.circuit_breaker('sick').state is OPEN
 
 
+@pytest.mark.parametrize('event, produce', [
+    pytest.param(Event.THREAD_POOL_REJECTED, _thread_pool_rejections, id='THREAD_POOL_REJECTED'),
+    pytest.param(Event.SEMAPHORE_REJECTED, _semaphore_rejections, id='SEMAPHORE_REJECTED'),
+])
+def test_rejections_are_counted_but_do_not_trip_when_count_rejections_is_off(
+        clock, gate, event, produce):
+    component.set('command_defaults', {'circuit_breaker_count_rejections': False})
+    produce(clock, gate, 3)
+    metrics = component.metrics('sick')
+    assert metrics.rolling_count(event) == 3
+    assert metrics.health() == (0, 0, 0.0)   # neither errors nor requests for the breaker
+    assert component.circuit_breaker('sick').state is CLOSED
+
+
+def test_with_count_rejections_off_failures_still_trip_the_breaker():
+    Flaky = command(circuit_breaker_count_rejections=False)
+    trip(Flaky)
+
+
 def test_a_flood_of_bad_requests_does_not_trip_the_breaker():
     Flaky = command(circuit_breaker_error_threshold_percentage=1)
     for _ in range(100):

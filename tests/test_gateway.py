@@ -616,3 +616,24 @@ def test_a_routes_streaming_keys_become_its_commands_attributes(tmp_path):
     assert (files.buffer_body, files.body_idle_timeout, files.max_response_body_size) == \
         (True, 30, 1024)
     assert live.buffer_body is False and live.body_idle_timeout is None
+
+
+def test_a_routes_rejections_do_not_count_for_its_breaker_unless_the_file_says_so(tmp_path):
+    from blackgate import ConfigError
+    from blackgate.gateway import load_config
+    path = tmp_path / 'gateway.yaml'
+    path.write_text('routes:\n'
+                    '  - {prefix: /a, upstream: "http://127.0.0.1:9000"}\n'
+                    '  - {prefix: /b, upstream: "http://127.0.0.1:9001",\n'
+                    '     circuit_breaker_count_rejections: true}\n')
+    routes = {route.prefix: dict(route.settings) for route in load_config(str(path)).routes}
+    assert routes['/a']['circuit_breaker_count_rejections'] is False
+    assert routes['/b']['circuit_breaker_count_rejections'] is True
+    path.write_text('command_defaults: {circuit_breaker_count_rejections: true}\n'
+                    'routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000"}\n')
+    (route,) = load_config(str(path)).routes
+    assert dict(route.settings)['circuit_breaker_count_rejections'] is True
+    path.write_text('routes:\n  - {prefix: /a, upstream: "http://127.0.0.1:9000",\n'
+                    '     circuit_breaker_count_rejections: 1}\n')
+    with pytest.raises(ConfigError, match='circuit_breaker_count_rejections'):
+        load_config(str(path))
