@@ -63,6 +63,8 @@ __all__ = ('RedisStateStore', 'check_store_mapping', 'DEFAULT_TRIAL_LEASE')
 log = logging.getLogger('blackgate')
 
 _ERROR_NAMES = frozenset(event.value for event in ERROR_EVENTS)
+#: the errors without the two rejections (``circuit_breaker_count_rejections = False``)
+_FAILURE_NAMES = _ERROR_NAMES - {'THREAD_POOL_REJECTED', 'SEMAPHORE_REJECTED'}
 _SUCCESS_NAME = Event.SUCCESS.value
 _REPORTER = '~'               # count field '~<process>': that process's errors (quorum)
 _DEFAULT_INTERVAL = 0.5
@@ -458,8 +460,11 @@ class RedisStateStore:
         replies = pipe.execute()
         self._batches.clear()
         views = []
-        for state, generation, (start, count) in zip(states, generations, windows):
-            health, reporters = _merge(replies[start:start + count])
+        for command_key, state, generation, (start, count) in zip(keys, states, generations,
+                                                                   windows):
+            errors = (_ERROR_NAMES if self._breakers[command_key].settings
+                      .circuit_breaker_count_rejections else _FAILURE_NAMES)
+            health, reporters = _merge(replies[start:start + count], errors)
             claim = state.get(b'trial')
             claim_ends = float(state.get(b'trial_at', 0.0)) + float(state.get(b'lease', 0.0))
             views.append(_View(state[b'state'].decode() if b'state' in state else None,
@@ -480,8 +485,9 @@ class RedisStateStore:
             ttl = int(math.ceil(settings.metrics_rolling_window + 2 * width)) + 1
             for index, counts in buckets.items():
                 if self._quorum > 1:
-                    errors = sum(count for name, count in counts.items()
-                                 if name in _ERROR_NAMES)
+                    names = (_ERROR_NAMES if settings.circuit_breaker_count_rejections
+                             else _FAILURE_NAMES)
+                    errors = sum(count for name, count in counts.items() if name in names)
                     if errors:
                         counts[_REPORTER + self.process_id] = errors
                 entries.append(_Entry(self._count_key(command_key, generation, index), ttl,
@@ -621,7 +627,8 @@ def _contained(method, *args: Any) -> Any:
         return False
 
 
-def _merge(replies: List[Dict[bytes, bytes]]) -> Tuple[HealthCounts, int]:
+def _merge(replies: List[Dict[bytes, bytes]], error_names: frozenset = _ERROR_NAMES
+           ) -> Tuple[HealthCounts, int]:
     errors = successes = 0
     reporters = set()
     for counts in replies:
@@ -629,7 +636,7 @@ def _merge(replies: List[Dict[bytes, bytes]]) -> Tuple[HealthCounts, int]:
             name = raw_name.decode()
             if name == _SUCCESS_NAME:
                 successes += int(count)
-            elif name in _ERROR_NAMES:
+            elif name in error_names:
                 errors += int(count)
             elif name.startswith(_REPORTER) and int(count) > 0:
                 reporters.add(name)

@@ -131,6 +131,30 @@ def test_counts_from_other_processes_trip_this_processs_breaker(redis_server, re
     assert command.events == (Event.SHORT_CIRCUITED, Event.FALLBACK_SUCCESS)
 
 
+def test_the_fleet_leaves_rejections_out_where_the_command_says_so(redis_server, real_time):
+    class Crowded(Command):
+        command_key = 'crowded'
+        circuit_breaker_request_volume_threshold = 10
+        circuit_breaker_count_rejections = False
+        metrics_health_snapshot_interval = 0.05
+
+        def run(self):
+            return 'fine'
+
+    use_store(redis_server)
+    for _ in range(4):
+        Crowded().execute()
+    client = redis_server.client()
+    bucket = int(time.time() // 1.0)
+    # the rest of the fleet: full bulkheads, a healthy upstream
+    client.hincrby('t:crowded:c:0:%d' % bucket, 'THREAD_POOL_REJECTED', 50)
+    client.hincrby('t:crowded:c:0:%d' % bucket, 'SUCCESS', 6)
+    time.sleep(0.5)   # several syncs
+    Crowded().execute()
+    assert component.circuit_breaker('crowded').state is BreakerState.CLOSED
+    assert client.hget('t:crowded:state', 'state') in (None, b'closed')
+
+
 def test_an_open_breaker_in_redis_is_adopted_within_an_interval(redis_server, real_time):
     use_store(redis_server)
     Down().execute()
