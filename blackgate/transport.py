@@ -24,7 +24,6 @@ import errno
 import re
 import socket
 import ssl
-import weakref
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
 
 import tornado.iostream
@@ -285,6 +284,15 @@ class ConnectionPool:
         """Idle connections kept now, over every origin."""
         return sum(len(idle) for idle in self._idle.values())
 
+    def abandon(self) -> None:
+        """Close the sockets of every idle connection of a loop that is closed already."""
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                sock = connection.stream.socket
+                if sock is not None:
+                    sock.close()
+
     def close(self) -> None:
         """Close every idle connection."""
         idle, self._idle = self._idle, {}
@@ -296,8 +304,9 @@ class ConnectionPool:
         return '<ConnectionPool %d idle over %d origins>' % (self.idle_count, len(self._idle))
 
 
-_pools: 'weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ConnectionPool]' = \
-    weakref.WeakKeyDictionary()
+# One pool per event loop. Not a WeakKeyDictionary: a pool's streams refer to their loop,
+# so its key would never die. A closed loop's pool is swept when a new loop asks.
+_pools: Dict[asyncio.AbstractEventLoop, ConnectionPool] = {}
 
 
 def pool() -> ConnectionPool:
@@ -305,6 +314,8 @@ def pool() -> ConnectionPool:
     loop = asyncio.get_running_loop()
     found = _pools.get(loop)
     if found is None:
+        for closed in [other for other in _pools if other.is_closed()]:
+            _pools.pop(closed).abandon()
         found = _pools[loop] = ConnectionPool()
     return found
 
