@@ -522,7 +522,6 @@ class _Tunnel:
     """The upstream side of an upgraded connection (a WebSocket), relayed byte for byte."""
 
     __slots__ = ('connection',)
-    complete = True
 
     def __init__(self, connection: transport.Connection) -> None:
         self.connection = connection

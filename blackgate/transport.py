@@ -24,7 +24,7 @@ import errno
 import re
 import socket
 import ssl
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
 
 import tornado.iostream
 import tornado.netutil
@@ -168,7 +168,7 @@ class Connection:
             return True
         sock = stream.socket
         try:
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False   # nothing to read: still open
         except (OSError, ValueError, AttributeError):

@@ -20,9 +20,10 @@ import tornado.websocket
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from blackgate import Event, HTTPProxy, HTTPProxyCommand, component
-from proxy_upstream import (TEST_TIMEOUT, WAIT, Raw, Reply, answer, drained,  # noqa: F401
-                            forward_to, gateway, install_pool, request_bytes, upstream)
+from blackgate import Event, HTTPProxyCommand, component
+from proxy_upstream import (TEST_TIMEOUT, WAIT, Raw, Reply, Stall, answer,  # noqa: F401
+                            drained, forward_to, gateway, install_pool, request_bytes,
+                            upstream)
 
 pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT * 4)
 
@@ -404,7 +405,7 @@ async def test_a_groups_pool_bounds_its_exchanges_together(upstream, gateway):
     install_pool('proxy', max_workers=2, max_queue_size=1)
     upstream.respond = lambda received: (Raw(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
                                              hold=0) if received.target == '/fast' else
-                                         __import__('proxy_upstream').Stall(1.0, Reply()))
+                                         Stall(1.0, Reply()))
     first = gateway(forward_to(upstream.url, 'First'))
     second = gateway(forward_to(upstream.url, 'Second'))
     slow = [asyncio.ensure_future(proxy.fetch('GET', '/slow'))
