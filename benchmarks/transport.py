@@ -7,7 +7,7 @@ keep-alive connections where the client offers them. The figure is the
 client process's CPU time (user + system) per completed request: what the
 gateway would pay per upstream call, the server side left out.
 
-- ``blackgate.transport``: Blackgate's own, Tornado's IOStream underneath;
+- ``blackgate.transport``: Blackgate's own, on an asyncio protocol;
 - ``tornado simple_httpclient``: Tornado's AsyncHTTPClient (no keep-alive);
 - ``tornado curl_httpclient``: AsyncHTTPClient on pycurl (libcurl), if installed;
 - ``aiohttp``: its ClientSession with a TCPConnector, if installed;

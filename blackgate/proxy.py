@@ -545,7 +545,7 @@ class _RequestBody:
         #: the ``Content-Length`` the client sent, or None for a chunked body
         self.length = length
         self._queue: List[bytes] = list(prefix)
-        self._stream: Optional[tornado.iostream.IOStream] = None
+        self._stream: Optional[transport.Stream] = None
         self._chunked = False
         self._command: Optional[HTTPProxyCommand] = None
         self._waiter: Optional[asyncio.Future] = None    # the handler, waiting to feed more
@@ -1241,7 +1241,8 @@ class _MalformedField(Exception):
     """A response field Tornado cannot send, even cleaned."""
 
 
-async def _relay(source: tornado.iostream.IOStream, sink: tornado.iostream.IOStream) -> None:
+async def _relay(source: Union[tornado.iostream.IOStream, transport.Stream],
+                 sink: Union[tornado.iostream.IOStream, transport.Stream]) -> None:
     """Copy ``source`` into ``sink`` until either closes; then close both."""
     try:
         while True:

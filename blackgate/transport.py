@@ -1,4 +1,4 @@
-"""The gateway's upstream transport: HTTP/1.1 over Tornado IOStreams, kept alive per origin.
+"""The gateway's upstream transport: HTTP/1.1 on asyncio protocols, kept alive per origin.
 
 This module carries bytes and reads them strictly; what to send and what an
 answer means is :mod:`blackgate.proxy`'s business. It writes the request line
@@ -24,12 +24,10 @@ import errno
 import re
 import socket
 import ssl
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
 
 import tornado.iostream
 import tornado.netutil
-import tornado.tcpclient
-import tornado.util
 
 __all__ = ('WireError', 'WireTimeout', 'StaleConnection', 'Origin', 'Target', 'parse_url',
            'Connection', 'ConnectionPool', 'pool', 'dial', 'ResponseHead', 'ResponseBody',
@@ -41,7 +39,9 @@ CHUNK_SIZE = 64 * 1024
 MAX_HEAD_SIZE = 64 * 1024
 _MAX_LINE = 8 * 1024
 
-_HEAD_END = rb'\r?\n\r?\n'
+_HEAD_END = re.compile(rb'\r?\n\r?\n')
+#: Unread bytes a connection holds before the event loop stops reading it.
+MAX_BUFFER = CHUNK_SIZE * 4
 _STATUS_LINE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (.*))?')
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # The request fields as one block: each a token, a colon and a value without CR, LF or NUL.
@@ -147,6 +147,194 @@ def _percent_encode(match: 're.Match[str]') -> str:
     return ''.join('%%%02X' % octet for octet in match.group().encode('utf-8'))
 
 
+# -- the byte stream under a connection ----------------------------------------------------------
+
+_StreamClosed = tornado.iostream.StreamClosedError
+_Unsatisfiable = tornado.iostream.UnsatisfiableReadError
+
+
+class Stream(asyncio.Protocol):
+    """A socket as an asyncio protocol, read through the part of IOStream's API used here.
+
+    The event loop reads into one buffer as bytes arrive (no reader added and
+    removed per read, as an ``IOStream`` does); a read is answered from the
+    buffer at once when it can be, else when enough arrives. Reading pauses
+    while :data:`MAX_BUFFER` bytes wait unread, and :meth:`write`'s future
+    waits while the kernel will not take more: memory stays bounded both ways.
+    Closing fails a pending read at once with ``StreamClosedError``, as
+    IOStream's ``close()`` does (a timer closes the stream to end a read).
+    """
+
+    def __init__(self) -> None:
+        self.socket: Optional[socket.socket] = None
+        self._transport: Optional[asyncio.Transport] = None
+        self._buffer = bytearray()
+        self._kind = 0                   # the pending read: 0 none, 1 bytes, 2 until, 3 regex
+        self._future: 'Optional[asyncio.Future[bytes]]' = None
+        self._size = 0                   # bytes wanted (1), or the most scanned for (2, 3)
+        self._delimiter: Any = None      # bytes (2) or a compiled pattern (3)
+        self._scanned = 0
+        self._closed = False
+        self._eof = False
+        self._error: Optional[BaseException] = None
+        self._reading_paused = False
+        self._drained: 'Optional[asyncio.Future[None]]' = None   # writes wait on it
+        self._written: 'Optional[asyncio.Future[None]]' = None   # done: the kernel took all
+
+    # -- the protocol, called by the event loop ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(CHUNK_SIZE, CHUNK_SIZE // 4)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._kind:
+            self._satisfy()
+        if len(self._buffer) >= MAX_BUFFER and not self._reading_paused and not self._closed:
+            self._reading_paused = True
+            cast(asyncio.Transport, self._transport).pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._kind:
+            self._fail_read(None)
+        return False   # the transport closes itself
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._error is None:
+            self._error = exc
+        self._eof = True
+        self._shut()
+
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # -- IOStream's API, as far as this module uses it ---------------------------------------
+
+    def closed(self) -> bool:
+        return self._closed
+
+    def at_rest(self) -> bool:
+        """Open, with nothing received: an idle connection fit for the next request."""
+        return not (self._closed or self._eof or self._buffer)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._buffer)
+
+    def write(self, data: bytes) -> 'asyncio.Future[None]':
+        """Send ``data``; a future done when the connection can take more."""
+        if self._closed:
+            raise _StreamClosed(self._error)
+        cast(asyncio.Transport, self._transport).write(data)
+        if self._drained is not None:
+            return self._drained
+        written = self._written
+        if written is None:
+            written = self._written = asyncio.get_running_loop().create_future()
+            written.set_result(None)
+        return written
+
+    def read_bytes(self, size: int, partial: bool = False) -> 'asyncio.Future[bytes]':
+        """Up to ``size`` bytes, as soon as there are any (``partial`` is always True here)."""
+        return self._start(1, size, None)
+
+    def read_until(self, delimiter: bytes, max_bytes: int) -> 'asyncio.Future[bytes]':
+        """The bytes up to and with ``delimiter``, which must come within ``max_bytes``."""
+        return self._start(2, max_bytes, delimiter)
+
+    def read_until_regex(self, pattern: 're.Pattern[bytes]', max_bytes: int
+                         ) -> 'asyncio.Future[bytes]':
+        """The bytes up to and with the end of the first match of ``pattern``."""
+        return self._start(3, max_bytes, pattern)
+
+    def close(self) -> None:
+        """Close at once: a pending read fails, unsent bytes are dropped."""
+        if not self._closed:
+            transport = self._transport
+            self._shut()
+            if transport is not None:
+                transport.abort()
+
+    def abandon(self) -> None:
+        """Close the socket of a stream whose event loop is closed already."""
+        self._closed = True
+        if self.socket is not None:
+            self.socket.close()
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _start(self, kind: int, size: int, delimiter: Any) -> 'asyncio.Future[bytes]':
+        if self._kind:
+            raise RuntimeError('a read is pending already')
+        future: 'asyncio.Future[bytes]' = asyncio.get_running_loop().create_future()
+        self._kind, self._future, self._size, self._delimiter = kind, future, size, delimiter
+        self._scanned = 0
+        if self._buffer:
+            self._satisfy()
+        if self._kind and (self._closed or self._eof):
+            self._fail_read(None)
+        return future
+
+    def _satisfy(self) -> None:
+        buffer = self._buffer
+        kind = self._kind
+        if kind == 1:
+            end = min(self._size, len(buffer))
+        else:
+            start = max(0, self._scanned - 3)
+            if kind == 2:
+                found = buffer.find(self._delimiter, start)
+                end = -1 if found < 0 else found + len(self._delimiter)
+            else:
+                match = self._delimiter.search(buffer, start)
+                end = -1 if match is None else match.end()
+            if end < 0 or end > self._size:
+                if end > self._size or len(buffer) >= self._size:
+                    self._fail_read(_Unsatisfiable('the delimiter is not within %d bytes'
+                                                   % (self._size,)))
+                    self.close()
+                else:
+                    self._scanned = len(buffer)
+                return
+        if end == len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(buffer[:end])
+            del buffer[:end]
+        future = cast('asyncio.Future[bytes]', self._future)
+        self._kind, self._future, self._delimiter = 0, None, None
+        if self._reading_paused and len(buffer) < MAX_BUFFER and not self._closed:
+            self._reading_paused = False
+            cast(asyncio.Transport, self._transport).resume_reading()
+        if not future.done():
+            future.set_result(data)
+
+    def _fail_read(self, error: Optional[BaseException]) -> None:
+        future = self._future
+        self._kind, self._future, self._delimiter = 0, None, None
+        if future is not None and not future.done():
+            future.set_exception(error if error is not None else _StreamClosed(self._error))
+
+    def _shut(self) -> None:
+        self._closed = True
+        if self._kind:
+            self._fail_read(None)
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_exception(_StreamClosed(self._error))
+            drained.exception()   # retrieved: a writer that did not wait is not warned
+
+
 # -- connections ------------------------------------------------------------------------------
 
 class Connection:
@@ -154,7 +342,7 @@ class Connection:
 
     __slots__ = ('origin', 'stream', 'reused', 'idle_since', '__weakref__')
 
-    def __init__(self, origin: Origin, stream: tornado.iostream.IOStream) -> None:
+    def __init__(self, origin: Origin, stream: Stream) -> None:
         self.origin = origin
         self.stream = stream
         #: whether it served an exchange before this one
@@ -164,11 +352,12 @@ class Connection:
     def closed_by_peer(self) -> bool:
         """Whether the upstream closed it (or sent something unasked) while it was idle."""
         stream = self.stream
-        if stream.closed():
+        if not stream.at_rest():
             return True
         sock = stream.socket
         try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            # What the event loop has not read yet: a close (or bytes) just arrived.
+            cast(socket.socket, sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False   # nothing to read: still open
         except (OSError, ValueError, AttributeError):
@@ -185,34 +374,54 @@ class Connection:
 
 async def dial(origin: Origin, timeout: Optional[float]) -> Connection:
     """Open a new connection to ``origin`` (TLS for https), within ``timeout`` seconds."""
-    ssl_options = _client_ssl_context() if origin.scheme == 'https' else None
+    ssl_context = _client_ssl_context() if origin.scheme == 'https' else None
+    stream = Stream()
+    opening = _open(stream, origin, ssl_context)
     try:
-        if tornado.netutil.is_valid_ip(origin.host) and ssl_options is None:
-            family = socket.AF_INET6 if ':' in origin.host else socket.AF_INET
-            stream = tornado.iostream.IOStream(socket.socket(family, socket.SOCK_STREAM),
-                                               max_buffer_size=CHUNK_SIZE * 4)
-            connecting = stream.connect((origin.host, origin.port))
-            deadline = _Deadline(stream, timeout)
-            try:
-                await connecting
-            finally:
-                deadline.cancel()
-            if deadline.fired:
-                raise WireTimeout('no connection within %s s' % (timeout,))
+        if timeout is None:
+            await opening
         else:
-            stream = await tornado.tcpclient.TCPClient().connect(
-                origin.host, origin.port, ssl_options=ssl_options, timeout=timeout,
-                max_buffer_size=CHUNK_SIZE * 4)
+            await asyncio.wait_for(opening, max(0.0, timeout))
     except WireError:
         raise
-    except (asyncio.TimeoutError, tornado.util.TimeoutError):
+    except asyncio.TimeoutError:
         raise WireTimeout('no connection within %s s' % (timeout,)) from None
-    except tornado.iostream.StreamClosedError as exc:
-        raise WireError('connection failed: %s' % (_describe(exc.real_error or exc),)) from None
     except (OSError, ssl.SSLError) as exc:
         raise WireError('connection failed: %s' % (_describe(exc),)) from None
-    stream.set_nodelay(True)
     return Connection(origin, stream)
+
+
+async def _open(stream: Stream, origin: Origin, ssl_context: Optional[ssl.SSLContext]) -> None:
+    loop = asyncio.get_running_loop()
+    host, port = origin.host, origin.port
+    if tornado.netutil.is_valid_ip(host):
+        addresses: List[Tuple[int, Any]] = [
+            (socket.AF_INET6 if ':' in host else socket.AF_INET, (host, port))]
+    else:
+        found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [(info[0], info[4]) for info in found]
+    failure: Optional[BaseException] = None
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        stream.socket = sock
+        try:
+            await loop.create_connection(lambda: stream, sock=sock, ssl=ssl_context,
+                                         server_hostname=host if ssl_context else None)
+        except BaseException:
+            sock.close()
+            raise
+        return
+    raise failure if failure is not None else WireError('no address for %s' % (host,))
 
 
 _ssl_context: Optional[ssl.SSLContext] = None
@@ -266,10 +475,9 @@ class ConnectionPool:
         stream = connection.stream
         if stream.closed():
             return
-        if getattr(stream, '_read_buffer_size', 0):
+        if stream.buffered:
             # Bytes after the end of the answer (a body sent with a HEAD or 204, say): what
-            # they are is anybody's guess, so the connection is not used again. (IOStream
-            # tells its buffered size only by this attribute, stable since Tornado 4.)
+            # they are is anybody's guess, so the connection is not used again.
             connection.close()
             return
         idle = self._idle.setdefault(connection.origin, [])
@@ -289,9 +497,7 @@ class ConnectionPool:
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
-                sock = connection.stream.socket
-                if sock is not None:
-                    sock.close()
+                connection.stream.abandon()
 
     def close(self) -> None:
         """Close every idle connection."""
@@ -327,7 +533,7 @@ class _Deadline:
 
     __slots__ = ('stream', 'handle', 'fired')
 
-    def __init__(self, stream: tornado.iostream.BaseIOStream, seconds: Optional[float]) -> None:
+    def __init__(self, stream: Stream, seconds: Optional[float]) -> None:
         self.stream = stream
         self.fired = False
         self.handle = None if seconds is None else \
@@ -644,7 +850,7 @@ class ResponseBody:
         finally:
             deadline.cancel()
 
-    async def _next_chunk(self, stream: tornado.iostream.IOStream) -> bytes:
+    async def _next_chunk(self, stream: Stream) -> bytes:
         if self._left <= 0:
             line = await stream.read_until(b'\n', max_bytes=_MAX_LINE)
             match = _CHUNK_SIZE_LINE.fullmatch(line)
