@@ -13,6 +13,13 @@ completed:
 - ``tornado floor``: a plain Tornado handler answering the same 503 and fields
   from a constant, in the same process: what any refusal through a Tornado
   ``RequestHandler`` costs before Blackgate does anything;
+- ``tornado connection floor``: the same answer written by an
+  ``HTTPMessageDelegate`` straight onto Tornado's ``HTTP1Connection``, no
+  ``Application`` and no handler: the least a refusal costs on Tornado's
+  HTTP server at all;
+- ``asyncio protocol floor``: the same bytes from a bare asyncio protocol
+  that only looks for the end of each request head: what is left without
+  Tornado's server;
 - ``nginx 502`` (if nginx is installed): nginx 1.x proxying to a closed port,
   its worker's CPU per answer, for scale.
 
@@ -135,19 +142,62 @@ async def _gateway(upstream: int) -> None:
                                   log_function=lambda handler: None)
     sockets = bind_sockets(0, '127.0.0.1')
     HTTPServer(app).add_sockets(sockets)
-    print(sockets[0].getsockname()[1], flush=True)
+    floors = _floor_servers(Floor.body)
+    connection_floor = bind_sockets(0, '127.0.0.1')
+    HTTPServer(floors[0]).add_sockets(connection_floor)
+    protocol_floor = await asyncio.get_running_loop().create_server(floors[1], '127.0.0.1', 0)
+    print(sockets[0].getsockname()[1], connection_floor[0].getsockname()[1],
+          protocol_floor.sockets[0].getsockname()[1], flush=True)
     await asyncio.Event().wait()
 
 
-def _start(cpu: int, role: str, *args: str) -> 'tuple[subprocess.Popen, int]':
+def _floor_servers(body: bytes):
+    """The two floors below a RequestHandler: Tornado's connection, and no Tornado at all."""
+    import tornado.httputil
+
+    fields = (('Retry-After', '5'), ('Content-Type', 'application/json'),
+              ('Cache-Control', 'no-store'), ('X-Blackgate-Error', 'short-circuited'),
+              ('Content-Length', str(len(body))))
+    start = tornado.httputil.ResponseStartLine('HTTP/1.1', 503, 'Service Unavailable')
+
+    class Answer(tornado.httputil.HTTPMessageDelegate):
+        def __init__(self, connection) -> None:
+            self.connection = connection
+
+        def headers_received(self, start_line, headers) -> None:
+            self.connection.write_headers(start, tornado.httputil.HTTPHeaders(fields), body)
+            self.connection.finish()
+
+    class Connections(tornado.httputil.HTTPServerConnectionDelegate):
+        def start_request(self, server_conn, request_conn):
+            return Answer(request_conn)
+
+    answer = ('HTTP/1.1 503 Service Unavailable\r\n%s\r\n' % ''.join(
+        '%s: %s\r\n' % field for field in fields)).encode('latin-1') + body
+
+    class Bare(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            self.buffer = b''
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while b'\r\n\r\n' in self.buffer:
+                self.buffer = self.buffer.partition(b'\r\n\r\n')[2]
+                self.transport.write(answer)
+
+    return Connections(), Bare
+
+
+def _start(cpu: int, role: str, *args: str) -> 'tuple[subprocess.Popen, List[int]]':
     process = subprocess.Popen(['taskset', '-c', str(cpu), sys.executable, '-m',
                                 'benchmarks.refusals', '--role', role, *args],
                                stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()   # type: ignore[union-attr]
-    if not line.strip().isdigit():
+    if not line.split() or not all(word.isdigit() for word in line.split()):
         process.kill()
         raise RuntimeError('%s did not start' % (role,))
-    return process, int(line)
+    return process, [int(word) for word in line.split()]
 
 
 _NGINX_CONF = """
@@ -205,15 +255,20 @@ def run(seconds: float = 3.0) -> Dict[str, Optional[Dict[str, float]]]:
     """Every case's figures, in one pinned run."""
     processes: List[subprocess.Popen] = []
     try:
-        upstream, upstream_port = _start(0, 'upstream')
+        upstream, [upstream_port] = _start(0, 'upstream')
         processes.append(upstream)
-        gateway, port = _start(1, 'gateway', '--upstream', str(upstream_port))
+        gateway, [port, connection_floor, protocol_floor] = _start(
+            1, 'gateway', '--upstream', str(upstream_port))
         processes.append(gateway)
         url = 'http://127.0.0.1:%d' % port
         results: Dict[str, Optional[Dict[str, float]]] = {}
         for name, path in (('forwarded', '/fwd'), ('short-circuited', '/open'),
                            ('rejected', '/full'), ('tornado floor', '/floor')):
             results[name] = _measure(gateway.pid, url + path, seconds)
+        for name, floor_port in (('tornado connection floor', connection_floor),
+                                 ('asyncio protocol floor', protocol_floor)):
+            results[name] = _measure(gateway.pid, 'http://127.0.0.1:%d/' % floor_port,
+                                     seconds)
     finally:
         for process in processes:
             process.terminate()
