@@ -334,7 +334,9 @@ def test_a_killed_trial_holder_stalls_the_fleet_for_the_trial_lease_only(redis_s
                       timeout=10)
     second = client.hgetall('t:held:state')
     stalled = float(second[b'trial_at']) - float(first[b'trial_at'])
-    assert lease <= stalled <= lease + 2.0, stalled   # + a sync on a loaded machine
+    # At least the lease; at most the lease and a few syncs on a loaded 2-core machine (a
+    # trial that is never given up stays held, and the wait above runs out first).
+    assert lease <= stalled <= lease + 5.0, stalled
 
 
 # -- 8. cost by active keys -----------------------------------------------------------------
