@@ -222,8 +222,11 @@ class Stream(asyncio.Protocol):
         return self._closed
 
     def at_rest(self) -> bool:
-        """Open, with nothing received: an idle connection fit for the next request."""
-        return not (self._closed or self._eof or self._buffer)
+        """Open, nothing received and nothing left to send: fit for the next request."""
+        if self._closed or self._eof or self._buffer or self._drained is not None:
+            return False
+        transport = self._transport
+        return transport is not None and not transport.get_write_buffer_size()
 
     @property
     def buffered(self) -> int:
@@ -475,9 +478,10 @@ class ConnectionPool:
         stream = connection.stream
         if stream.closed():
             return
-        if stream.buffered:
+        if not stream.at_rest():
             # Bytes after the end of the answer (a body sent with a HEAD or 204, say): what
-            # they are is anybody's guess, so the connection is not used again.
+            # they are is anybody's guess; or a request body still going out, which the
+            # upstream answered before it read it: the connection is not used again.
             connection.close()
             return
         idle = self._idle.setdefault(connection.origin, [])
