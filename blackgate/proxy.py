@@ -38,14 +38,13 @@ import logging
 import math
 import re
 import urllib.parse
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union,
-                    cast)
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, cast
 
 import tornado.httputil
 import tornado.iostream
 import tornado.web
 
-from . import tracing, transport
+from . import exchange, tracing, transport
 from .command import Command, DeferredOutcome
 from .errors import BadRequest, BlackgateError, CommandError, ConfigError
 from .events import Event, FailureType
@@ -70,9 +69,8 @@ HOP_BY_HOP = ('Connection', 'Keep-Alive', 'Proxy-Connection', 'TE', 'Trailer',
               'Transfer-Encoding', 'Upgrade', 'Proxy-Authorization', 'Proxy-Authenticate')
 
 #: A body up to this size that arrives whole at once is sent whole, with its length.
-BUFFER_SIZE = transport.CHUNK_SIZE
+BUFFER_SIZE = exchange.BUFFER_SIZE
 
-_BODY_METHODS = frozenset(('POST', 'PUT', 'PATCH'))
 _NO_BODY_STATUS = frozenset((204, 304))
 _REJECTED = frozenset((FailureType.SHORTCIRCUIT, FailureType.REJECTED_THREAD_EXECUTION,
                        FailureType.REJECTED_SEMAPHORE_EXECUTION,
@@ -95,8 +93,6 @@ _REQUEST_FIELDS = {_normalize(name): _DROP
 _REQUEST_FIELDS['X-Forwarded-For'] = _FORWARDED_FOR
 # Fields only a trusted peer may set; an edge gateway drops what the client sent.
 _UNTRUSTED_FIELDS = frozenset(('Forwarded', 'X-Real-Ip'))
-# Fields of the request dict that the transport writes itself, from the body's framing.
-_FRAMING_FIELDS = frozenset(('content-length', 'transfer-encoding', 'host'))
 
 # What the response pass does with a field, by lower-case name; the rest are kept.
 _CONNECTION, _LENGTH, _DATE = 'connection', 'length', 'date'
@@ -319,15 +315,19 @@ class HTTPProxyCommand(Command):
             raise UpstreamError('cannot send to the URL that before_request() set: %s'
                                 % (exc,)) from None
         host = where.authority
-        exchange = _Exchange(self, request, where)
+        wire = exchange.Exchange(
+            self, request, where, buffer_body=self.buffer_body,
+            max_response_body_size=self.max_response_body_size,
+            body_idle_timeout=self.body_idle_timeout,
+            body_buffer_window=self.body_buffer_window, wrap_body=UpstreamBody)
         try:
             try:
-                head = await exchange.send()
+                head = await wire.send()
             finally:
-                exchange.end_request()
-            response = await exchange.receive(head)
+                wire.end_request()
+            response = await wire.receive(head)
         except BaseException as exc:
-            exchange.abandon()
+            wire.abandon()
             if isinstance(exc, WireTimeout):
                 raise UpstreamTimeout('%s %s' % (host, exc)) from None
             if isinstance(exc, WireError):
@@ -373,288 +373,6 @@ def _check_proxy_settings(cls: Any) -> None:
             not 0 <= window < math.inf:
         raise BlackgateError('%s.body_buffer_window=%r: expected seconds, 0 or more'
                              % (name, window))
-
-
-class _Exchange:
-    """One request and its response head over the transport, for HTTPProxyCommand.run()."""
-
-    __slots__ = ('command', 'request', 'where', 'pool', 'connection', 'timeout', 'upgrade')
-
-    def __init__(self, command: HTTPProxyCommand, request: Dict[str, Any],
-                 where: transport.Target) -> None:
-        self.command = command
-        self.request = request
-        self.where = where
-        self.pool = transport.pool()
-        self.connection: Optional[transport.Connection] = None
-        self.timeout = command._bg_timeout()
-        self.upgrade = request.get('upgrade')
-
-    async def send(self) -> transport.ResponseHead:
-        request = self.request
-        method = request['method']
-        headers = request.get('headers')
-        authority = self.where.authority
-        if component.tracer is not None and isinstance(headers, HTTPHeaderDict):
-            tracing.inject(headers)   # the upstream's spans join this command's trace
-        fields: List[Tuple[str, str]] = []
-        for name, value in _fields(headers):
-            lower = name.lower()
-            if lower in _FRAMING_FIELDS:
-                if lower == 'host':
-                    authority = str(value)   # before_request() chose the Host: its own
-                continue
-            fields.append((name, str(value)))
-        if self.upgrade:
-            fields.append(('Connection', 'Upgrade'))
-            fields.append(('Upgrade', self.upgrade))
-        streamed = request.get('body') if request.get('data') is None else None
-        if not isinstance(streamed, _RequestBody):
-            streamed = None
-        data = request.get('data') or None
-        if isinstance(data, str):
-            data = data.encode('utf-8')
-        elif data is not None and not isinstance(data, bytes):
-            data = bytes(data)
-        framing: Optional[str]
-        chunked = False
-        if streamed is not None:
-            length = streamed.length
-            chunked = length is None
-            framing = ('Transfer-Encoding: chunked' if length is None
-                       else 'Content-Length: %d' % length)
-        elif data is not None:
-            framing = 'Content-Length: %d' % len(data)
-        elif method in _BODY_METHODS:
-            framing = 'Content-Length: 0'
-        else:
-            framing = None
-        origin, target = self.where.origin, self.where.target
-        # A request whose body is not streaming can be sent again on a new connection if a
-        # kept-alive one turns out closed: it never reached the upstream's application.
-        for attempt in (1, 2):
-            connection = self.pool.take(origin) if attempt == 1 else None
-            if connection is None:
-                connection = await self.pool.connect(origin, self.timeout)
-            self.connection = connection
-            transport.send_request(connection, method, target, authority, fields, framing, data)
-            if streamed is not None:
-                await streamed.pump(self.command, connection, chunked)
-            try:
-                return await transport.read_head(connection, self.timeout)
-            except transport.StaleConnection:
-                connection.close()
-                if streamed is not None or attempt == 2:
-                    raise
-        raise AssertionError('unreachable')
-
-    def end_request(self) -> None:
-        """The request is sent (or failed): whatever else the client sends is dropped."""
-        sent = self.request.get('body')
-        if isinstance(sent, _RequestBody):
-            sent.detach()
-
-    async def receive(self, head: transport.ResponseHead) -> Dict[str, Any]:
-        command = self.command
-        connection = self.connection
-        assert connection is not None   # send() returned a head read from it
-        method = self.request['method']
-        status = head.status
-        if status == 101:
-            if not self.upgrade:
-                connection.close()
-                raise WireError('switched protocols (101) though no upgrade was asked for')
-            body: Any = _Tunnel(connection)
-            return {'status_code': 101, 'reason': head.reason, 'headers': head.fields,
-                    'content': None, 'body': body}
-        mode, length = transport.body_framing(head, method)
-        raw = transport.ResponseBody(connection, self.pool, head, mode, length)
-        self.connection = None   # the body owns it now
-        if command.buffer_body:
-            limit = command.max_response_body_size
-            if limit is not None and length > limit:
-                raw.close()
-                raise WireError('sent a body of %d bytes; max_response_body_size is %d'
-                                % (length, limit))
-            parts, size = [], 0
-            while True:
-                data = await raw.read(self.timeout)
-                if not data:
-                    break
-                size += len(data)
-                if limit is not None and size > limit:
-                    raw.close()
-                    raise WireError('sent a body over max_response_body_size (%d bytes)'
-                                    % (limit,))
-                parts.append(data)
-            return {'status_code': status, 'reason': head.reason, 'headers': head.fields,
-                    'content': b''.join(parts), 'body': None}
-        event_stream = _is_event_stream(head.fields)
-        idle = command.body_idle_timeout
-        if idle is None:
-            idle = None if event_stream else self.timeout
-        elif idle == math.inf:
-            idle = None
-        body = UpstreamBody(raw, self.where.authority, idle)
-        if not event_stream:
-            try:
-                await raw.read_ahead(BUFFER_SIZE, command.body_buffer_window, self.timeout)
-            except BaseException:
-                raw.close()
-                raise
-        return {'status_code': status, 'reason': head.reason, 'headers': head.fields,
-                'content': None, 'body': body}
-
-    def abandon(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
-def _is_event_stream(fields: List[Tuple[str, str]]) -> bool:
-    for name, value in fields:
-        if name.lower() == 'content-type':
-            return value.partition(';')[0].strip(' \t').lower() == 'text/event-stream'
-    return False
-
-
-class _Tunnel:
-    """The upstream side of an upgraded connection (a WebSocket), relayed byte for byte."""
-
-    __slots__ = ('connection',)
-
-    def __init__(self, connection: transport.Connection) -> None:
-        self.connection = connection
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-class _RequestBody:
-    """A request body streaming from the client to the upstream, with flow control.
-
-    The handler feeds it from ``data_received()``; the command's ``run()`` pumps
-    it into the upstream connection once that is open. Until then, and while
-    the upstream is slow to take it, the handler's read of the client waits.
-    """
-
-    __slots__ = ('length', '_queue', '_stream', '_chunked', '_command', '_waiter', '_done',
-                 '_ended', '_error', '_writing', '_detached')
-
-    def __init__(self, length: Optional[int], prefix: Iterable[bytes] = ()) -> None:
-        #: the ``Content-Length`` the client sent, or None for a chunked body
-        self.length = length
-        self._queue: List[bytes] = list(prefix)
-        self._stream: Optional[transport.Stream] = None
-        self._chunked = False
-        self._command: Optional[HTTPProxyCommand] = None
-        self._waiter: Optional[asyncio.Future] = None    # the handler, waiting to feed more
-        self._done: Optional[asyncio.Future] = None      # run(), waiting for the body's end
-        self._ended = False
-        self._error: Optional[BaseException] = None
-        self._writing = 0
-        self._detached = False
-
-    # -- the handler's side ----------------------------------------------------------------
-
-    def feed(self, data: bytes) -> Optional['asyncio.Future[None]']:
-        """A part of the body from the client; a future to wait on before reading more."""
-        if self._error is not None or self._detached:
-            return None   # nobody takes it any more: dropped
-        if self._stream is None:
-            self._queue.append(data)
-            if self._waiter is None:
-                self._waiter = asyncio.get_running_loop().create_future()
-            return self._waiter
-        return self._write(data)
-
-    def end(self) -> None:
-        """The client sent the whole body."""
-        self._ended = True
-        if self._stream is not None and self._error is None and not self._detached:
-            self._write(b'')
-
-    def fail(self, error: BaseException) -> None:
-        """The client went away (or stalled): the upstream must not take it as complete."""
-        if self._error is None and not self._ended:
-            self._error = error
-            self._wake()
-
-    # -- run()'s side ----------------------------------------------------------------------
-
-    async def pump(self, command: HTTPProxyCommand, connection: transport.Connection,
-                   chunked: bool) -> None:
-        """Send the body into ``connection``; return when all of it has been written."""
-        self._command = command
-        self._stream = connection.stream
-        self._chunked = chunked
-        loop = asyncio.get_running_loop()
-        self._done = loop.create_future()
-        queued, self._queue = self._queue, []
-        for data in queued:
-            self._write(data)
-        if self._ended:
-            self._write(b'')
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if self._writing == 0 and not self._ended and self._error is None:
-            command.pause_timeout()   # the client's turn
-        await self._done
-        if self._error is not None:
-            if isinstance(self._error, ClientGone):
-                raise self._error
-            raise WireError('stopped taking the request body (%s)' % (self._error,))
-
-    def detach(self) -> None:
-        """run() has stopped: whatever else the client sends is dropped."""
-        self._detached = True
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _write(self, data: bytes) -> 'asyncio.Future[None]':
-        command, stream, done = self._command, self._stream, self._done
-        assert command is not None and stream is not None and done is not None   # pumping
-        if self._writing == 0 and not done.done():
-            command.refresh_timeout()   # the upstream's turn to take it
-        self._writing += 1
-        framed = transport.chunk(data) if self._chunked else data
-        written = asyncio.get_running_loop().create_future()
-        if framed:
-            try:
-                future = stream.write(framed)
-            except tornado.iostream.StreamClosedError as exc:
-                self._written(written, exc, data)
-                return written
-            future.add_done_callback(lambda future: self._written(
-                written, future.exception(), data))
-        else:
-            self._written(written, None, data)
-        return written
-
-    def _written(self, written: 'asyncio.Future[None]', error: Optional[BaseException],
-                 data: bytes) -> None:
-        self._writing -= 1
-        if not written.done():
-            written.set_result(None)   # never fails: the handler must not see our errors
-        if error is not None:
-            if self._error is None:
-                self._error = error
-            self._wake()
-        elif self._ended and self._writing == 0:
-            self._wake()
-        elif self._writing == 0 and self._command is not None and \
-                self._done is not None and not self._done.done():
-            self._command.pause_timeout()   # all sent: waiting for the client again
-
-    def _wake(self) -> None:
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(None)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 @tornado.web.stream_request_body
@@ -722,7 +440,7 @@ class HTTPProxy(tornado.web.RequestHandler):
         self._received = 0
         self._answered = False
         self._client_gone = False
-        self._body: Optional[_RequestBody] = None
+        self._body: Optional[exchange.RequestBody] = None
         self._pending: Optional['asyncio.Future[Any]'] = None
         self._instance: Optional[HTTPProxyCommand] = None
         self._upgrade: Optional[str] = None
@@ -816,7 +534,7 @@ class HTTPProxy(tornado.web.RequestHandler):
         request = self._request_dict(None)
         if request is None:
             return
-        body = self._body = _RequestBody(length, prefix)
+        body = self._body = exchange.RequestBody(length, prefix)
         request['body'] = body
         self._start(request)
 
@@ -964,7 +682,7 @@ class HTTPProxy(tornado.web.RequestHandler):
     async def _write_response(self, response: Mapping[str, Any]) -> None:
         status = int(response.get('status_code') or 200)
         body = response.get('body')
-        if status == 101 and isinstance(body, _Tunnel):
+        if status == 101 and isinstance(body, exchange.Tunnel):
             await self._relay_upgrade(response, body)
             return
         # An empty reason gets the standard one (Tornado refuses to send none).
@@ -1029,11 +747,11 @@ class HTTPProxy(tornado.web.RequestHandler):
             return
         self.finish()
 
-    async def _relay_upgrade(self, response: Mapping[str, Any], tunnel: _Tunnel) -> None:
+    async def _relay_upgrade(self, response: Mapping[str, Any], tunnel: exchange.Tunnel) -> None:
         """Send the upstream's 101 and relay the bytes both ways until either side closes."""
         reason = response.get('reason') or 'Switching Protocols'
         lines = ['HTTP/1.1 101 %s' % (_UNSAFE_IN_FIELD.sub(' ', reason),)]
-        for name, value in _fields(response.get('headers')):
+        for name, value in exchange.field_pairs(response.get('headers')):
             lower = name.lower()
             if lower in _RESPONSE_FIELDS and lower not in _UPGRADE_FIELDS:
                 continue
@@ -1048,7 +766,7 @@ class HTTPProxy(tornado.web.RequestHandler):
         except tornado.iostream.StreamClosedError:
             upstream.close()
             return
-        await asyncio.gather(_relay(client, upstream), _relay(upstream, client))
+        await asyncio.gather(exchange.relay(client, upstream), exchange.relay(upstream, client))
 
     def _abort(self) -> None:
         try:
@@ -1059,7 +777,7 @@ class HTTPProxy(tornado.web.RequestHandler):
     def _add_fields(self, headers: Any) -> Optional[str]:
         """Every end-to-end field of the upstream's answer (the one pass back); its length."""
         named = length = None
-        for name, value in _fields(headers):
+        for name, value in exchange.field_pairs(headers):
             kind = _RESPONSE_FIELDS.get(name.lower())
             if kind is None:
                 self._add_field(name, value)
@@ -1241,20 +959,6 @@ class _MalformedField(Exception):
     """A response field Tornado cannot send, even cleaned."""
 
 
-async def _relay(source: Union[tornado.iostream.IOStream, transport.Stream],
-                 sink: Union[tornado.iostream.IOStream, transport.Stream]) -> None:
-    """Copy ``source`` into ``sink`` until either closes; then close both."""
-    try:
-        while True:
-            data = await source.read_bytes(transport.CHUNK_SIZE, partial=True)
-            await sink.write(data)
-    except tornado.iostream.StreamClosedError:
-        pass
-    finally:
-        source.close()
-        sink.close()
-
-
 def _consume(future: 'asyncio.Future[Any]') -> None:
     if not future.cancelled():
         future.exception()
@@ -1283,23 +987,3 @@ def _connection_names(values: List[str]) -> Optional[frozenset]:
     return frozenset(_normalize(token.strip())
                      for value in values for token in value.split(',') if token.strip())
 
-
-def _fields(headers: Union[None, Mapping[str, Any], Iterable[Tuple[str, Any]]]
-            ) -> Iterator[Tuple[str, Any]]:
-    """(name, value) pairs from a list of pairs, or a dict of values or of lists."""
-    if not headers:
-        return iter(())
-    if not isinstance(headers, Mapping):
-        return iter(headers)
-    if isinstance(headers, HTTPHeaderDict):
-        return headers.iteritems()
-    return _expand(headers)
-
-
-def _expand(headers: Mapping[str, Any]) -> Iterator[Tuple[str, Any]]:
-    for name, value in headers.items():
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                yield name, item
-        else:
-            yield name, value
