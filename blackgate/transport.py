@@ -265,7 +265,9 @@ class Stream(asyncio.Protocol):
             transport = self._transport
             self._shut()
             if transport is not None:
-                transport.abort()
+                transport.abort()   # off the selector now; the socket closed from a callback
+            if self.socket is not None:
+                self.socket.close()   # now: a loop stopped before the callback leaks none
 
     def abandon(self) -> None:
         """Close the socket of a stream whose event loop is closed already."""

@@ -149,9 +149,13 @@ class Upstream:
         server.close()
         for writer in list(self._writers):
             writer.transport.abort()
-        await asyncio.sleep(0)
+        for _ in range(3):   # connections accepted just now see the stop, and close
+            await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stop.is_set():
+            writer.transport.abort()
+            return
         self.connections += 1
         self._writers.add(writer)
         peer = writer.get_extra_info('peername')[:2]
