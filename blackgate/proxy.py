@@ -528,6 +528,11 @@ class HTTPProxy(tornado.web.RequestHandler):
         body = self._body
         if body is not None:
             body.fail(ClientGone('the client went away before its request body ended'))
+        pending = self._pending
+        if pending is not None:
+            # get() never runs for a body that did not end: nobody else takes its outcome
+            # (counted all the same), and an error left in it would be logged as unread.
+            pending.add_done_callback(_consume)
         super().on_connection_close()
 
     def _stream_body(self, length: Optional[int], prefix: Iterable[bytes] = ()) -> None:
