@@ -335,8 +335,9 @@ def _prepare(batch: _Batch) -> Optional[Command]:
     """The batch command, from the first request's collapser; None if that failed (all told)."""
     first = batch.requests[0].collapser
     arguments = [request.argument for request in batch.requests]
-    key = type(first).collapser_key
-    component.collapser_metrics(key).record_batch(len(arguments))
+    cls = type(first)
+    component.collapser_metrics(cls.collapser_key).record_batch(
+        len(arguments), (cls.max_requests_in_batch, cls.timer_delay, cls.scope))
     try:
         command = first.create_command(arguments)
         if not isinstance(command, Command):

@@ -77,8 +77,8 @@ def _sizes(sizes: Dict[int, int], percentiles: Iterable[float]) -> BatchSizes:
 class CollapserMetrics:
     """Rolling and cumulative counts of one collapser key."""
 
-    __slots__ = ('collapser_key', 'clock', 'window', 'buckets', '_width', '_lock', '_ring',
-                 '_past')
+    __slots__ = ('collapser_key', 'clock', 'window', 'buckets', 'max_requests_in_batch',
+                 'timer_delay', 'scope', '_width', '_lock', '_ring', '_past')
 
     def __init__(self, collapser_key: str, clock, window: float = 10.0,
                  buckets: int = 10) -> None:
@@ -87,6 +87,10 @@ class CollapserMetrics:
         #: seconds covered by the rolling counts, and the buckets they are kept in
         self.window = float(window)
         self.buckets = int(buckets)
+        #: the settings of the collapser class that sent the last batch (for the stream)
+        self.max_requests_in_batch = 100
+        self.timer_delay = 0.01
+        self.scope = 'request'
         self._width = self.window / self.buckets
         self._lock = threading.Lock()
         self._ring: List[_Bucket] = []
@@ -94,8 +98,14 @@ class CollapserMetrics:
 
     # -- recording ---------------------------------------------------------------------
 
-    def record_batch(self, size: int) -> None:
-        """One batch of ``size`` requests was sent."""
+    def record_batch(self, size: int, settings: Optional[Tuple[int, float, str]] = None
+                     ) -> None:
+        """One batch of ``size`` requests was sent.
+
+        :param settings: ``(max_requests_in_batch, timer_delay, scope)`` of its collapser.
+        """
+        if settings is not None:
+            self.max_requests_in_batch, self.timer_delay, self.scope = settings
         with self._lock:
             bucket = self._bucket()
             bucket.counts[BATCHES] += 1

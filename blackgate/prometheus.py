@@ -34,6 +34,10 @@ a Tornado handler: see ``examples/prometheus_metrics.py`` and
 ``blackgate_circuit_breaker_state{state}``                 gauge      1 for the current state
 ``blackgate_circuit_breaker_transitions_total{from,to}``   counter    the breaker's moves
 ``blackgate_pool_*``                                       (several)  the executor pools
+``blackgate_collapser_batches_total``                      counter    batches sent (label
+                                                                      ``collapser``)
+``blackgate_collapser_requests_batched_total``             counter    requests they answered
+``blackgate_collapser_batch_size``                         histogram  requests per batch
 =========================================================  =========  ============================
 
 The call counters and histograms are cumulative since the command key's
@@ -66,11 +70,14 @@ from .events import BreakerState, Event
 from .metrics import LatencyHistogram, check_bounds
 from .registry import Component, component
 
-__all__ = ('BlackgateCollector', 'register', 'DEFAULT_BUCKETS')
+__all__ = ('BlackgateCollector', 'register', 'DEFAULT_BUCKETS', 'DEFAULT_BATCH_SIZE_BUCKETS')
 
 #: The latency histograms' bucket bounds, in seconds (and an ``+Inf`` bucket).
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: The batch-size histogram's bucket bounds, in requests (and an ``+Inf`` bucket).
+DEFAULT_BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 #: ``kind`` of ``blackgate_command_calls_total``: each call has one of these events first.
 CALL_KINDS = (
@@ -94,6 +101,7 @@ STATES = ('closed', 'open', 'half_open', 'forced_open', 'forced_closed', 'disabl
 
 _COMMAND_LABELS = ['command', 'group']
 _POOL_LABELS = ['group']
+_COLLAPSER_LABELS = ['collapser']
 
 # prometheus_client registry -> the collectors register() put in it
 _registered: List[Tuple[Any, 'BlackgateCollector']] = []
@@ -231,6 +239,18 @@ class BlackgateCollector:
             families['queued'].add_metric(labels, pool.queue_size)
             families['completed'].add_metric(labels, pool.completed_count)
             families['rejected'].add_metric(labels, pool.rejected_count)
+        for collapser_key in registry.collapser_keys:
+            counts, sizes = registry.collapser_metrics(collapser_key).cumulative()
+            if not counts['batches']:   # looked up, never sent a batch: nothing to say
+                continue
+            labels = [collapser_key]
+            families['batches'].add_metric(labels, counts['batches'])
+            families['batched'].add_metric(labels, counts['requests_batched'])
+            under = []
+            for bound in DEFAULT_BATCH_SIZE_BUCKETS + (math.inf,):
+                seen = sum(count for size, count in sizes.sizes if size <= bound)
+                under.append(('+Inf' if bound == math.inf else str(bound), seen))
+            families['batch_size'].add_metric(labels, under, counts['requests_batched'])
         return iter(families.values())
 
     @staticmethod
@@ -298,6 +318,16 @@ class BlackgateCollector:
             'rejected': CounterMetricFamily(
                 'blackgate_pool_rejected', 'Submissions refused since the pool started.',
                 labels=pool),
+            'batches': CounterMetricFamily(
+                'blackgate_collapser_batches', 'Batches a collapser sent.',
+                labels=_COLLAPSER_LABELS),
+            'batched': CounterMetricFamily(
+                'blackgate_collapser_requests_batched',
+                'Requests answered by the batches a collapser sent.',
+                labels=_COLLAPSER_LABELS),
+            'batch_size': HistogramMetricFamily(
+                'blackgate_collapser_batch_size', 'Requests per batch a collapser sent.',
+                labels=_COLLAPSER_LABELS),
         }
 
     def __repr__(self) -> str:

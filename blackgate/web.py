@@ -9,8 +9,9 @@ Mount both in a Tornado application with :func:`routes`::
 :class:`MetricsStreamHandler` speaks the format of Hystrix's
 ``HystrixMetricsStreamServlet``: a ``text/event-stream`` with, every ``delay``
 milliseconds, one ``data: {json}`` event per command key (``"type":
-"HystrixCommand"``) and per executor pool (``"type": "HystrixThreadPool"``),
-so the Netflix Hystrix dashboard, Turbine and their successors read it unchanged.
+"HystrixCommand"``), per executor pool (``"type": "HystrixThreadPool"``) and
+per collapser key (``"type": "HystrixCollapser"``), so the Netflix Hystrix
+dashboard, Turbine and their successors read it unchanged.
 :class:`DashboardHandler` serves a page, shipped in the package and loading
 nothing from elsewhere, that reads the same stream.
 
@@ -53,13 +54,18 @@ from .events import Event
 from .registry import Component, component
 
 __all__ = ('MetricsStreamHandler', 'DashboardHandler', 'routes', 'command_sample',
-           'pool_sample', 'stream_samples')
+           'pool_sample', 'collapser_sample', 'stream_samples')
 
 log = logging.getLogger('blackgate')
 
 #: The latency percentiles of ``latencyExecute`` and ``latencyTotal``, as Hystrix sends them.
 PERCENTILES = (0, 25, 50, 75, 90, 95, 99, 99.5, 100)
 _PERCENTILE_NAMES = tuple((p, '%g' % p) for p in PERCENTILES)
+
+#: The batch-size percentiles of a ``HystrixCollapser`` event's ``batchSize``, as Hystrix
+#: sends them.
+BATCH_SIZE_PERCENTILES = (25, 50, 75, 90, 95, 99, 99.5, 100)
+_BATCH_SIZE_NAMES = tuple((p, '%g' % p) for p in BATCH_SIZE_PERCENTILES)
 
 #: Milliseconds between samples when the client does not ask (``?delay=``).
 DEFAULT_DELAY = 500
@@ -247,8 +253,39 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
     }
 
 
+def collapser_sample(collapser_key: str, registry: Optional[Component] = None,
+                     now: Optional[float] = None) -> Dict[str, Any]:
+    """The ``HystrixCollapser`` event of ``collapser_key``: the fields of Hystrix's serializer.
+
+    ``rollingCountRequestsBatched`` and ``rollingCountBatches`` over the rolling
+    window, the batch sizes' whole mean and percentiles (``batchSize``), and the
+    collapser's settings in Hystrix's units.
+    """
+    registry = registry if registry is not None else component
+    metrics = registry.collapser_metrics(collapser_key)
+    counts = metrics.rolling_counts()
+    sizes = metrics.rolling_batch_sizes(BATCH_SIZE_PERCENTILES)
+    return {
+        'type': 'HystrixCollapser',
+        'name': collapser_key,
+        'currentTime': _ms(registry.clock.wall() if now is None else now),
+        'rollingCountRequestsBatched': counts['requests_batched'],
+        'rollingCountBatches': counts['batches'],
+        'rollingCountResponsesFromCache': counts['responses_from_cache'],
+        'batchSize_mean': int(sizes.mean),   # Hystrix's is a Java int
+        'batchSize': {name: sizes.percentiles[p] for p, name in _BATCH_SIZE_NAMES},
+        'propertyValue_requestCacheEnabled': False,
+        'propertyValue_maxRequestsInBatch': metrics.max_requests_in_batch,
+        'propertyValue_timerDelayInMilliseconds': _ms(metrics.timer_delay),
+        'propertyValue_metricsRollingStatisticalWindowInMilliseconds': _ms(metrics.window),
+        'reportingHosts': 1,
+        # Blackgate's own: whose calls a batch gathers ('request' or 'global')
+        'scope': metrics.scope,
+    }
+
+
 def stream_samples(registry: Optional[Component] = None) -> List[Dict[str, Any]]:
-    """One sample per command key, then one per executor pool used, as the stream sends them."""
+    """One sample per command key, one per executor pool used, then one per collapser key."""
     registry = registry if registry is not None else component
     now = registry.clock.wall()
     isolation = _isolation(registry)
@@ -256,7 +293,8 @@ def stream_samples(registry: Optional[Component] = None) -> List[Dict[str, Any]]
                 for key in registry.command_keys]
     pools = [pool_sample(group_key, registry, commands, now)
              for group_key, pool in sorted(registry.pools.items()) if pool.used]
-    return commands + pools
+    collapsers = [collapser_sample(key, registry, now) for key in registry.collapser_keys]
+    return commands + pools + collapsers
 
 
 def _encode(samples: List[Dict[str, Any]]) -> bytes:
