@@ -36,7 +36,7 @@ import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 __all__ = ('RequestContext', 'RequestLog', 'RequestContextMixin', 'Scope', 'current',
-           'MAX_LOGGED_COMMANDS')
+           'REQUEST_CONTEXT', 'MAX_LOGGED_COMMANDS')
 
 _T = TypeVar('_T')
 
@@ -44,11 +44,16 @@ _T = TypeVar('_T')
 #: (Hystrix's limit: a context held open by mistake must not grow without end).
 MAX_LOGGED_COMMANDS = 1000
 
-_current: 'contextvars.ContextVar[Optional[RequestContext]]' = contextvars.ContextVar(
+#: The context variable holding the current :class:`RequestContext` (None outside any);
+#: ``REQUEST_CONTEXT.get()`` is what :func:`current` returns, for hot paths.
+REQUEST_CONTEXT: 'contextvars.ContextVar[Optional[RequestContext]]' = contextvars.ContextVar(
     'blackgate_request_context', default=None)
+_current = REQUEST_CONTEXT
 
-#: The context of the calling code, or None outside any: ``current()``.
-current = _current.get
+
+def current() -> Optional['RequestContext']:
+    """The request context of the calling code, or None outside any."""
+    return _current.get()
 
 
 class Scope:
