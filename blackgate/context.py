@@ -165,27 +165,35 @@ class RequestLog:
         return '<RequestLog %d commands>' % (len(self._commands) + self.dropped,)
 
 
+#: Guards the first use of a context's cache, scope or log (rare: once per context and kind).
+_first_use = threading.Lock()
+
+
 class RequestContext:
     """One request's shared state: its cache, its request-scoped collapsers, its log.
 
     Make one with ``component.request_context()``; use it as ``with`` or
-    ``async with``. Inside, :func:`current` returns it.
+    ``async with``. Inside, :func:`current` returns it. Making one costs
+    little (nothing is allocated until a command caches, collapses or logs).
     """
 
-    __slots__ = ('_lock', '_cache', '_scope', '_log', '_tokens', '__weakref__')
+    __slots__ = ('_cache', '_scope', '_log', '_tokens', '__weakref__')
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # Made on first use: most requests never cache or collapse anything.
         self._cache: Optional[Dict[Tuple[str, str], CachedOutcome]] = None
         self._scope: Optional[Scope] = None
         self._log: Optional[RequestLog] = None
-        self._tokens: List['contextvars.Token[Optional[RequestContext]]'] = []
+        self._tokens: Optional[List['contextvars.Token[Optional[RequestContext]]']] = None
 
     # -- entering and leaving ------------------------------------------------------------
 
     def __enter__(self) -> 'RequestContext':
-        self._tokens.append(_current.set(self))
+        token = _current.set(self)
+        tokens = self._tokens
+        if tokens is None:
+            self._tokens = [token]
+        else:
+            tokens.append(token)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -232,23 +240,27 @@ class RequestContext:
     def cached(self, command_key: str, cache_key: str, command: Any
                ) -> Tuple[CachedOutcome, bool]:
         """The outcome cached for the key, and whether ``command`` is the first (it must run)."""
+        cache = self._cache
+        if cache is None:
+            with _first_use:
+                cache = self._cache
+                if cache is None:
+                    cache = self._cache = {}
         key = (command_key, cache_key)
-        with self._lock:
-            cache = self._cache
-            if cache is None:
-                cache = self._cache = {}
-            entry = cache.get(key)
-            if entry is not None:
-                return entry, False
-            entry = cache[key] = CachedOutcome(command)
-            return entry, True
+        entry = cache.get(key)
+        if entry is not None:
+            return entry, False
+        mine = CachedOutcome(command)
+        # dict.setdefault is atomic (str keys): of two callers racing, one is first
+        entry = cache.setdefault(key, mine)
+        return entry, entry is mine
 
     @property
     def scope(self) -> Scope:
         """State kept for as long as this context: request-scoped collapsers use it."""
         scope = self._scope
         if scope is None:
-            with self._lock:
+            with _first_use:
                 scope = self._scope
                 if scope is None:
                     scope = self._scope = Scope()
@@ -259,7 +271,7 @@ class RequestContext:
         """The :class:`RequestLog` of the commands started in this context."""
         log = self._log
         if log is None:
-            with self._lock:
+            with _first_use:
                 log = self._log
                 if log is None:
                     log = self._log = RequestLog()
