@@ -376,6 +376,7 @@ def _send_async(batch: _Batch) -> None:
         if future.cancelled():
             _answer_all(batch, None, BlackgateError('the batch command was cancelled'))
             return
+        command.mark_collapsed(len(batch.requests))
         error = future.exception()
         _finish(batch, None if error is not None else future.result(), error)
 
@@ -392,8 +393,10 @@ def _send_sync(batch: _Batch) -> None:
         try:
             value = command.execute()
         except Exception as exc:
+            command.mark_collapsed(len(batch.requests))
             _finish(batch, None, exc)
         else:
+            command.mark_collapsed(len(batch.requests))
             _finish(batch, value, None)
     except BaseException as exc:   # KeyboardInterrupt...: nobody may be left waiting
         _answer_all(batch, None, exc, only_pending=True)

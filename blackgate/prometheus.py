@@ -20,6 +20,10 @@ a Tornado handler: see ``examples/prometheus_metrics.py`` and
 ``blackgate_command_fallback_calls_total{kind}``           counter    what the fallbacks did:
                                                                       ``successful``, ``failed``,
                                                                       ``rejected``, ``missing``
+``blackgate_command_responses_from_cache_total``            counter    calls answered from the
+                                                                      request cache
+``blackgate_command_collapsed_requests_total``             counter    requests its batches
+                                                                      answered (a Collapser's)
 ``blackgate_command_latency_seconds``                      histogram  ``run()`` time
 ``blackgate_command_total_latency_seconds``                histogram  call-to-answer time
 ``blackgate_command_requests``                             gauge      requests in the rolling
@@ -216,6 +220,9 @@ class BlackgateCollector:
                                       ('total_latency', cumulative.total_latency)):
                 families[family].add_metric(labels, _buckets(histogram), histogram.seconds)
             health = metrics.health()
+            counted = cumulative.counts
+            families['from_cache'].add_metric(labels, counted[Event.RESPONSE_FROM_CACHE])
+            families['collapsed'].add_metric(labels, counted[Event.COLLAPSED])
             families['requests'].add_metric(labels, health.total_requests)
             if health.total_requests:   # no requests, no ratio: never a 0 that reads healthy
                 families['error_ratio'].add_metric(labels, health.error_percentage / 100.0)
@@ -272,6 +279,14 @@ class BlackgateCollector:
                 'blackgate_command_total_latency_seconds',
                 'Time from call to answer, fallback included.', labels=command,
                 unit='seconds'),
+            'from_cache': CounterMetricFamily(
+                'blackgate_command_responses_from_cache',
+                'Calls answered from the request cache (RESPONSE_FROM_CACHE), since the command '
+                'key was first used; not in blackgate_command_calls_total.', labels=command),
+            'collapsed': CounterMetricFamily(
+                'blackgate_command_collapsed_requests',
+                'Requests collapsed into the batches this command answered (COLLAPSED).',
+                labels=command),
             'requests': GaugeMetricFamily(
                 'blackgate_command_requests',
                 'Requests (errors plus successes) in the rolling window, as the circuit '

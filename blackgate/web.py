@@ -49,6 +49,7 @@ import tornado.ioloop
 import tornado.iostream
 import tornado.web
 
+from .command import Command
 from .config import DEFAULT_ROLLING_WINDOW
 from .events import Event
 from .registry import Component, component
@@ -77,7 +78,6 @@ DEFAULT_MAX_CLIENTS = 5
 #: The SSE comment-like keep-alive line of Hystrix's stream: EventSource ignores it.
 PING = b'ping: \n\n'
 
-_RESPONSE_FROM_CACHE = getattr(Event, 'RESPONSE_FROM_CACHE', None)
 # Hystrix 1.5's EXCEPTION_PRODUCING_EVENT_TYPES (its FALLBACK_DISABLED is our FALLBACK_MISSING)
 _EXCEPTION_THROWN = (Event.BAD_REQUEST, Event.FALLBACK_FAILURE, Event.FALLBACK_MISSING,
                      Event.FALLBACK_REJECTION)
@@ -119,17 +119,26 @@ def _isolation(registry: Component) -> Dict[str, str]:
     return strategies
 
 
+def _caching(registry: Component) -> Set[str]:
+    """The command keys of which a class defines ``cache_key()``."""
+    return {command_key for cls, command_key in registry.command_classes.items()
+            if getattr(cls, 'cache_key', None) is not Command.cache_key}
+
+
 def command_sample(command_key: str, registry: Optional[Component] = None,
-                   isolation: Optional[str] = None, now: Optional[float] = None
-                   ) -> Dict[str, Any]:
+                   isolation: Optional[str] = None, now: Optional[float] = None,
+                   caching: Optional[bool] = None) -> Dict[str, Any]:
     """The ``HystrixCommand`` event of ``command_key``: every field Hystrix's dashboard reads.
 
     :param isolation: ``'THREAD'`` or ``'SEMAPHORE'``; found from the command's class if None.
     :param now: the wall-clock time in seconds (``registry.clock.wall()`` if None).
+    :param caching: whether a class of the key defines ``cache_key()``; found if None.
     """
     registry = registry if registry is not None else component
     if isolation is None:
         isolation = _isolation(registry).get(command_key, 'THREAD')
+    if caching is None:
+        caching = command_key in _caching(registry)
     breaker = registry.circuit_breaker(command_key)
     metrics = registry.metrics(command_key)
     settings = breaker.settings
@@ -149,12 +158,12 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
         'errorPercentage': int(health.error_percentage),
         'errorCount': health.error_count,
         'requestCount': health.total_requests,
-        'rollingCountCollapsedRequests': 0,
+        # the requests collapsed into this key's batches, as Hystrix counts COLLAPSED
+        'rollingCountCollapsedRequests': counts[Event.COLLAPSED],
         'rollingCountEmit': 0,
         'rollingCountExceptionsThrown': sum(counts[event] for event in _EXCEPTION_THROWN),
         'rollingCountFallbackEmit': 0,
-        'rollingCountResponsesFromCache': (counts.get(_RESPONSE_FROM_CACHE, 0)
-                                           if _RESPONSE_FROM_CACHE is not None else 0),
+        'rollingCountResponsesFromCache': counts[Event.RESPONSE_FROM_CACHE],
     }
     for field, event in _COUNT_FIELDS:
         sample[field] = counts[event]
@@ -189,8 +198,10 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
         'propertyValue_fallbackEnabled': settings.fallback_enabled,
         'propertyValue_metricsRollingStatisticalWindowInMilliseconds':
             _ms(settings.metrics_rolling_window),
-        'propertyValue_requestCacheEnabled': False,
-        'propertyValue_requestLogEnabled': False,
+        # on where it can answer anything: cache_key() defined, request_cache_enabled
+        'propertyValue_requestCacheEnabled': caching and settings.request_cache_enabled,
+        # every command started in a request context is in its request log
+        'propertyValue_requestLogEnabled': True,
         'reportingHosts': 1,
         'threadPool': settings.group_key,
         # Blackgate's own: Hystrix's boolean cannot tell HALF_OPEN (one trial out) from OPEN.
@@ -289,7 +300,8 @@ def stream_samples(registry: Optional[Component] = None) -> List[Dict[str, Any]]
     registry = registry if registry is not None else component
     now = registry.clock.wall()
     isolation = _isolation(registry)
-    commands = [command_sample(key, registry, isolation.get(key, 'THREAD'), now)
+    caching = _caching(registry)
+    commands = [command_sample(key, registry, isolation.get(key, 'THREAD'), now, key in caching)
                 for key in registry.command_keys]
     pools = [pool_sample(group_key, registry, commands, now)
              for group_key, pool in sorted(registry.pools.items()) if pool.used]

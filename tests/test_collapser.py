@@ -441,3 +441,42 @@ async def test_collapser_metrics_count_batches_requests_and_batch_sizes(clock):
     assert metrics.rolling_counts()['batches'] == 0
     totals, all_sizes = metrics.cumulative()
     assert totals['requests_batched'] == 25 and all_sizes.batches == 4
+
+
+# -- the batch command's events -----------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_the_batch_command_is_collapsed_and_counts_each_request_it_answered(clock):
+    with component.request_context():
+        callers = [GetUserInTens(i).queue() for i in range(13)]
+        clock.advance(0.01)
+        await gathered(callers)
+        log = component.request_log()
+    commands = [command for command in log.commands if isinstance(command, GetUsers)]
+    assert [command.events for command in commands] == [(Event.SUCCESS, Event.COLLAPSED)] * 2
+    metrics = component.metrics('get_users')
+    assert metrics.rolling_count(Event.COLLAPSED) == 13
+    assert metrics.rolling_count(Event.SUCCESS) == 2
+    assert metrics.health().total_requests == 2
+
+
+def test_a_thread_batch_is_collapsed_too(clock):
+    class Alone(GetUser):
+        max_requests_in_batch = 1
+
+    with component.request_context():
+        caller = Alone(5)
+        caller.execute()
+    assert caller.batch_command.events == (Event.SUCCESS, Event.COLLAPSED)
+    assert component.metrics('get_users').rolling_count(Event.COLLAPSED) == 1
+
+
+@pytest.mark.gen_test
+async def test_a_failed_batch_is_collapsed_after_its_fallback_events(clock):
+    with component.request_context():
+        callers = [GetUserFlaky(i) for i in range(3)]
+        futures = [caller.queue() for caller in callers]
+    clock.advance(0.01)
+    await gathered(futures)
+    assert callers[0].batch_command.events == (Event.FAILURE, Event.FALLBACK_SUCCESS,
+                                               Event.COLLAPSED)

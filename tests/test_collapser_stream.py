@@ -157,3 +157,20 @@ async def test_the_collapser_series_parse_strictly_as_openmetrics(clock):
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert families['blackgate_collapser_batch_size'].type == 'histogram'
     assert families['blackgate_collapser_batches'].type == 'counter'
+
+
+@pytest.mark.gen_test
+async def test_the_batch_commands_stream_counts_the_collapsed_requests(clock):
+    from blackgate.web import command_sample
+    await send_batches(clock, [10, 3])
+    sample = command_sample('get_users')
+    assert sample['rollingCountCollapsedRequests'] == 13
+    assert sample['rollingCountSuccess'] == 2
+
+
+@pytest.mark.gen_test
+async def test_prometheus_counts_the_requests_a_command_answered_collapsed(clock):
+    await send_batches(clock, [10, 3])
+    found = samples_of(prometheus_text())
+    labels = (('command', 'get_users'), ('group', 'default'))
+    assert found[('blackgate_command_collapsed_requests_total', labels)] == 13

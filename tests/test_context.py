@@ -169,3 +169,35 @@ async def test_a_handler_that_defines_prepare_calling_super_keeps_its_context(ht
     import json
     body = json.loads((await http_client.fetch(base_url + '/prepare')).body)
     assert body == {'same': True}
+
+
+def test_a_request_log_keeps_a_thousand_commands_and_counts_the_rest():
+    from blackgate import Command
+    from blackgate.context import MAX_LOGGED_COMMANDS, RequestLog
+
+    class Quick(Command):
+        command_key = 'quick'
+
+        def run(self):
+            return 1
+
+    log = RequestLog()
+    command = Quick()
+    command.execute()
+    for _ in range(MAX_LOGGED_COMMANDS + 5):
+        log.add(command)
+    assert len(log) == MAX_LOGGED_COMMANDS and log.dropped == 5
+    assert str(log) == 'quick[SUCCESS][0ms]x%d, ... 5 more' % (MAX_LOGGED_COMMANDS,)
+
+
+def test_a_command_still_running_shows_as_executed():
+    from blackgate import Command
+    from blackgate.context import RequestLog
+
+    class NotYet(Command):
+        def run(self):
+            return 1
+
+    log = RequestLog()
+    log.add(NotYet())
+    assert str(log) == 'NotYet[Executed][0ms]'
