@@ -174,7 +174,7 @@ class RequestContext:
 
     Make one with ``component.request_context()``; use it as ``with`` or
     ``async with``. Inside, :func:`current` returns it. Making one costs
-    little (nothing is allocated until a command caches, collapses or logs).
+    little (its cache and scopes are made only when a command uses them).
     """
 
     __slots__ = ('_cache', '_scope', '_log', '_tokens', '__weakref__')
@@ -182,7 +182,9 @@ class RequestContext:
     def __init__(self) -> None:
         self._cache: Optional[Dict[Tuple[str, str], CachedOutcome]] = None
         self._scope: Optional[Scope] = None
-        self._log: Optional[RequestLog] = None
+        # made now: nearly every context logs a command (made on first use, it would take
+        # a lock then, which costs more than the list)
+        self._log = RequestLog()
         self._tokens: Optional[List['contextvars.Token[Optional[RequestContext]]']] = None
 
     # -- entering and leaving ------------------------------------------------------------
@@ -269,20 +271,11 @@ class RequestContext:
     @property
     def log(self) -> RequestLog:
         """The :class:`RequestLog` of the commands started in this context."""
-        log = self._log
-        if log is None:
-            with _first_use:
-                log = self._log
-                if log is None:
-                    log = self._log = RequestLog()
-        return log
+        return self._log
 
     def log_command(self, command: Any) -> None:
         """Note a command started in this context (the pipeline calls it)."""
-        log = self._log
-        if log is None:
-            log = self.log
-        log.add(command)
+        self._log.add(command)
 
     @property
     def cache_size(self) -> int:
@@ -292,8 +285,8 @@ class RequestContext:
 
     def __repr__(self) -> str:
         log = self._log
-        return '<RequestContext %d cached, %d logged>' % (
-            self.cache_size, 0 if log is None else len(log) + log.dropped)
+        return '<RequestContext %d cached, %d logged>' % (self.cache_size,
+                                                          len(log) + log.dropped)
 
 
 class RequestContextMixin:

@@ -841,7 +841,8 @@ class HTTPProxy(tornado.web.RequestHandler):
         if self.max_response_body_size is not None:
             command.max_response_body_size = self.max_response_body_size
         # One request context per proxied request: the command's task (run(), its hooks,
-        # the commands they start) is created inside it, and keeps it. About 0.3 us.
+        # the commands they start) is created inside it, and keeps it. About 0.5 us with
+        # the command logged in it (timeit, 3.11).
         context = self.request_context = RequestContext()
         token = REQUEST_CONTEXT.set(context)
         try:
