@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from blackgate import BadRequest, BlackgateError, Command, CommandError, Event, component
-from support import Gate
+from support import Gate, add_pool
 
 WAIT = 5.0
 
@@ -332,3 +332,50 @@ def test_commands_without_a_cache_key_are_logged_too():
     with component.request_context():
         GetPriceUncached('pen').execute()
         assert [c.sku for c in component.request_log()] == ['pen']
+
+
+# -- commands started from run() ------------------------------------------------------------
+
+class GetBasket(Command):
+    command_key = 'get_basket'
+
+    def __init__(self, skus):
+        self.skus = skus
+
+    def run(self):   # on a pool worker: the commands it starts are in the caller's context
+        return [GetPrice(sku).execute() for sku in self.skus]
+
+
+def test_commands_started_from_a_run_on_a_worker_share_the_callers_context():
+    with component.request_context():
+        assert GetBasket(['book', 'pen', 'book']).execute() == [
+            'price of book', 'price of pen', 'price of book']
+        assert GetPrice('pen').execute() == 'price of pen'
+        log = component.request_log()
+    assert RUNS == ['book', 'pen']
+    assert [type(c).__name__ for c in log.commands] == ['GetBasket'] + ['GetPrice'] * 4
+
+
+@pytest.mark.gen_test
+async def test_a_queued_commands_run_on_a_worker_shares_the_context_too(clock):
+    async with component.request_context():
+        assert await GetBasket(['book', 'book']).queue() == ['price of book'] * 2
+        assert await GetPrice('book').queue() == 'price of book'
+    assert RUNS == ['book']
+
+
+def test_a_worker_is_left_without_the_context_once_run_returns():
+    from blackgate.context import current
+    add_pool('solo', 1)
+    seen = []
+
+    class Look(Command):
+        group_key = 'solo'
+
+        def run(self):
+            seen.append(current())
+
+    with component.request_context() as context:
+        Look().execute()
+    Look().execute()   # the same worker thread, outside any context
+    assert seen == [context, None]
