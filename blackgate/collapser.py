@@ -302,7 +302,8 @@ class Collapser:
                 raise BlackgateError(
                     "%s has scope 'request' but was called outside any request context; "
                     "call it inside `with component.request_context():` (HTTPProxy and "
-                    "RequestContextMixin open one per request), or set scope = 'global'"
+                    "RequestContextMixin open one per request; a thread of yours gets the "
+                    "caller's with context.wrap()), or set scope = 'global'"
                     % (cls.__name__,))
             scope = context.scope
         collector = scope.get((Collapser, cls, loop), _Collector)

@@ -311,12 +311,6 @@ class _Execution:
             hand_over(outcome)
         return outcome
 
-    def work_in(self, release: Callable[[], Any], command: 'Command',
-                hand_over: Optional[Callable[[Any], None]], context: RequestContext
-                ) -> Tuple[Any, Optional[BaseException], float, float]:
-        """:meth:`work` with the caller's request context current on the worker."""
-        return context.run(self.work, release, command, hand_over)
-
     # -- the outcome of an attempt -------------------------------------------------
 
     def settle(self, command: 'Command', event: Event, value: Any,
@@ -835,10 +829,7 @@ class Command:
         token = ex.token = rt.breaker.allow_request()
         if token == DENY:
             return ex.fall_back(self, SHORT_CIRCUITED, None, None)
-        if context is None:
-            future = rt.pool.try_submit(ex.work, self)
-        else:   # run() on the worker sees the request context too (the commands it starts)
-            future = rt.pool.try_submit(ex.work_in, self, None, context)
+        future = rt.pool.try_submit(ex.work, self)
         if future is None:
             return ex.fall_back(self, THREAD_POOL_REJECTED, None,
                                 _cause(rt, THREAD_POOL_REJECTED))
@@ -884,8 +875,7 @@ class Command:
             ex.fall_back(self, SHORT_CIRCUITED, None, None)
         elif rt.run_is_async:
             ex.start_coroutine(self)
-        elif (rt.pool.try_submit(ex.work, self, ex.hand_over) if context is None else
-              rt.pool.try_submit(ex.work_in, self, ex.hand_over, context)) is None:
+        elif rt.pool.try_submit(ex.work, self, ex.hand_over) is None:
             ex.fall_back(self, THREAD_POOL_REJECTED, None, _cause(rt, THREAD_POOL_REJECTED))
         elif rt.timeout is not None:
             ex.arm_timer(ex.start + rt.timeout - rt.clock.monotonic())

@@ -379,3 +379,25 @@ def test_a_worker_is_left_without_the_context_once_run_returns():
         Look().execute()
     Look().execute()   # the same worker thread, outside any context
     assert seen == [context, None]
+
+
+# -- traced -----------------------------------------------------------------------------------
+
+def test_under_tracing_the_first_call_and_each_hit_get_a_span_and_run_once():
+    pytest.importorskip('opentelemetry.sdk')
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    component.set('tracing', {'backend': 'otel', 'tracer_provider': provider})
+    component.install()
+    with component.request_context():
+        assert [GetPrice('book').execute() for _ in range(3)] == ['price of book'] * 3
+        assert len(component.request_log()) == 3
+    assert RUNS == ['book']
+    events = [span.attributes.get('blackgate.events') for span in exporter.get_finished_spans()]
+    assert len(events) == 3
+    assert sum('RESPONSE_FROM_CACHE' in str(found) for found in events) == 2
