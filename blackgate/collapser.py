@@ -313,7 +313,7 @@ class Collapser:
 
     @property
     def batch_command(self) -> Optional[Command]:
-        """The batch command that answered this call (its ``events``, ``execution_time``); None before."""
+        """The batch command that answered this call (its ``events``); None before it was sent."""
         return self._bg_command
 
     def __repr__(self) -> str:

@@ -443,7 +443,7 @@ class _Execution:
         _log_failure(rt, events, self.cause(), error)
 
     def from_cache(self, first: 'Command') -> None:
-        """The short path of a cache hit: the first call's events and cause, plus RESPONSE_FROM_CACHE.
+        """A cache hit's short path: the first call's events and cause, plus RESPONSE_FROM_CACHE.
 
         Counted as Hystrix counts a hit: ``RESPONSE_FROM_CACHE`` alone, with no execution,
         so that the breaker's counts see only the call that ran.

@@ -480,3 +480,15 @@ async def test_a_failed_batch_is_collapsed_after_its_fallback_events(clock):
     await gathered(futures)
     assert callers[0].batch_command.events == (Event.FAILURE, Event.FALLBACK_SUCCESS,
                                                Event.COLLAPSED)
+
+
+@pytest.mark.gen_test
+async def test_a_global_batch_is_in_no_request_log_and_a_request_batch_is_in_its_own(clock):
+    with component.request_context():
+        futures = [GetUserGlobally(i).queue() for i in range(2)]
+        futures += [GetUser(i).queue() for i in range(2)]
+        clock.advance(0.01)
+        await gathered(futures)
+        batches = [c for c in component.request_log().commands if isinstance(c, GetUsers)]
+    assert len(CALLS) == 2
+    assert [command.ids for command in batches] == [[0, 1]]   # the request-scoped one only
