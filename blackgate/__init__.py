@@ -7,6 +7,7 @@ circuit breaker when the dependency is sick, and answers from the command's
 """
 import logging
 
+from .collapser import Collapser
 from .command import Command
 from .errors import BadRequest, BlackgateError, CommandError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event, FailureType
@@ -25,6 +26,7 @@ __all__ = (
     'Command',
     'HTTPProxyCommand',
     'HTTPProxy',
+    'Collapser',
     'component',
     'Component',
     'Event',

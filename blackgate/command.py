@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .breaker import DENY, TRIAL
 from .clock import TimeoutError as _WaitTimeout
 from .config import COMMAND_DEFAULTS, CommandSettings, check_class_attributes, check_value
+from .context import REQUEST_CONTEXT, CachedOutcome, RequestContext
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
@@ -53,6 +54,14 @@ FALLBACK_SUCCESS = Event.FALLBACK_SUCCESS
 FALLBACK_FAILURE = Event.FALLBACK_FAILURE
 FALLBACK_MISSING = Event.FALLBACK_MISSING
 FALLBACK_REJECTION = Event.FALLBACK_REJECTION
+RESPONSE_FROM_CACHE = Event.RESPONSE_FROM_CACHE
+COLLAPSED = Event.COLLAPSED
+_FROM_CACHE_ONLY = (RESPONSE_FROM_CACHE,)
+_COLLAPSED_ONLY = (COLLAPSED,)
+_context_get = REQUEST_CONTEXT.get
+#: The longest a cache hit waits for the call it shares (about 11.6 days: for ever); that
+#: call's own timeout and fallback bound it long before.
+_FOREVER = 1_000_000.0
 _SUCCESS_ONLY = (SUCCESS,)
 _BAD_REQUEST_ONLY = (BAD_REQUEST,)
 _FAILED_LATE = (FAILURE,)   # after the caller had its answer: no fallback can run
@@ -75,7 +84,7 @@ class _Runtime:
 
     __slots__ = ('command_key', 'name', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'group_admission', 'component', 'store')
+                 'group_admission', 'component', 'store', 'caches')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -100,6 +109,8 @@ class _Runtime:
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
         self.store = registry._store   # fleet mode's state store, or None
+        #: answered from the request cache: cache_key() is defined and the cache is on
+        self.caches = settings.request_cache_enabled and cls.cache_key is not Command.cache_key
 
 
 def _class_values(cls: type) -> Dict[str, Any]:
@@ -431,6 +442,36 @@ class _Execution:
             return   # a short-circuit or rejection that fell back: logged at INFO
         _log_failure(rt, events, self.cause(), error)
 
+    def from_cache(self, first: 'Command') -> None:
+        """A cache hit's short path: the first call's events and cause, plus RESPONSE_FROM_CACHE.
+
+        Counted as Hystrix counts a hit: ``RESPONSE_FROM_CACHE`` alone, with no execution,
+        so that the breaker's counts see only the call that ran.
+        """
+        self.events = first.events + _FROM_CACHE_ONLY
+        self.exception = first.execution_exception
+        rt = self.rt
+        now = rt.clock.monotonic()
+        health = rt.metrics.record(_FROM_CACHE_ONLY, None, now - self.start, now)
+        if health is not None:
+            rt.breaker.evaluate(health)
+        self.note(_FROM_CACHE_ONLY)
+
+    def collapsed(self, requests: int) -> None:
+        """After it ran: this execution answered a batch of ``requests`` collapsed requests."""
+        self.events = self.events + _COLLAPSED_ONLY
+        self.rt.metrics.count(COLLAPSED, requests)   # Hystrix counts the requests
+        self.note(_COLLAPSED_ONLY)
+
+    def note(self, events: Tuple[Event, ...]) -> None:
+        """Tell the fleet store and the listeners of ``events`` (counted by the caller)."""
+        rt = self.rt
+        store = rt.store
+        if store is not None:
+            store.pending.append((rt.command_key, events, rt.clock.wall()))
+        if rt.component._listeners:
+            rt.component._emit(rt.command_key, events)
+
     # -- the answer ----------------------------------------------------------------
 
     def answer(self, value: Any, failure: Optional[BaseException],
@@ -647,6 +688,17 @@ def _nothing() -> None:
     pass
 
 
+def _copy_outcome(source: Any, target: 'asyncio.Future[Any]') -> None:
+    """Give ``target`` (an asyncio future) the outcome of the done ``source``, unless cancelled."""
+    if target.cancelled():
+        return
+    error = source.exception()
+    if error is None:
+        target.set_result(source.result())
+    else:
+        target.set_exception(error)
+
+
 def _begin(rt: _Runtime, start: float) -> _Execution:
     """A new execution of a command of ``rt``, started at ``start``."""
     ex = _Execution()
@@ -700,6 +752,10 @@ class Command:
     #: execution of the group together; a full group is ``THREAD_POOL_REJECTED``.
     #: :class:`~blackgate.HTTPProxyCommand` sets it: one slot per upstream exchange.
     group_admission: bool = False
+    #: Whether a call whose :meth:`cache_key` returns a str is answered from the request
+    #: cache (once per key per request context). False: every call runs, and none needs
+    #: a request context. Only matters when the class defines ``cache_key()``.
+    request_cache_enabled: bool = True
 
     # The one piece of the pipeline's state on the instance: its execution, once it ran
     # (name-mangled, so that a subclass's own attributes cannot meet it). The class-level
@@ -725,6 +781,16 @@ class Command:
         """The answer when ``run()`` fails, times out, is rejected or short-circuited."""
         raise NotImplementedError  # never called: a command without one has FALLBACK_MISSING
 
+    def cache_key(self) -> Optional[str]:
+        """The request-cache key of this call; None (the default) for no caching.
+
+        Within one request context (``with component.request_context():``), the
+        first call of a key runs; the later ones answer its value, or raise its
+        error, with ``RESPONSE_FROM_CACHE`` after its events, and those made while
+        it runs wait for it. Called on the caller's thread before anything else.
+        """
+        return None
+
     # -- the drivers: they only wait; the decisions are _Execution's ------------------
 
     def execute(self) -> Any:
@@ -746,6 +812,11 @@ class Command:
         tracer = rt.component.tracer
         if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
             return tracer.execute(self)
+        context = _context_get()
+        if context is not None or rt.caches:
+            key = self.__in_context(rt, context)
+            if key is not None:
+                return self.__execute_cached(rt, context, key)  # type: ignore[arg-type]
         clock = rt.clock
         ex = _Execution()   # as _begin() makes one, without its frame
         ex.rt = rt
@@ -791,6 +862,11 @@ class Command:
         if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
             return tracer.queue(self)
         rt = _runtime(type(self))
+        context = _context_get()
+        if context is not None or rt.caches:
+            key = self.__in_context(rt, context)
+            if key is not None:
+                return self.__queue_cached(rt, context, key, loop)  # type: ignore[arg-type]
         ex = _QueuedExecution(rt, rt.clock.monotonic(), self, loop)
         if self.__dict__.setdefault('_Command__execution', ex) is not ex:   # atomic: one wins
             self.__ran_already()
@@ -804,6 +880,113 @@ class Command:
         elif rt.timeout is not None:
             ex.arm_timer(ex.start + rt.timeout - rt.clock.monotonic())
         return ex.future
+
+    # -- the request context: its log, and the short path of its cache ----------------
+
+    def __in_context(self, rt: _Runtime, context: Optional[RequestContext]) -> Optional[str]:
+        """Note the call in its request context; its cache key if the cache answers it, else None.
+
+        A cached call outside any context is refused here, before the instance is
+        claimed (so that it can still run inside one).
+        """
+        if '_Command__cached' in self.__dict__:
+            return None   # re-entered by __execute_cached/__queue_cached: the first of its key
+        if '_Command__execution' in self.__dict__:
+            self.__ran_already()   # (before it is logged twice)
+        key = self.cache_key() if rt.caches else None
+        if key is not None:
+            if type(key) is not str:
+                raise TypeError('%s.cache_key() returned %r (%s); it must return a str, or None '
+                                'for no caching' % (type(self).__name__, key, type(key).__name__))
+            if context is None:
+                raise BlackgateError(
+                    '%s (command_key %r) has cache_key() %r but was called outside any request '
+                    'context; call it inside `with component.request_context():` (HTTPProxy and '
+                    'RequestContextMixin open one per request; a thread of yours gets the '
+                    "caller's with context.wrap()), or set request_cache_enabled = False for no "
+                    'caching' % (type(self).__name__, rt.command_key, key))
+        if context is not None:
+            context.log_command(self)
+        return key
+
+    def __execute_cached(self, rt: _Runtime, context: RequestContext, key: str) -> Any:
+        outcome, first = context.cached(rt.command_key, key, self)
+        shared = outcome.future
+        if first:   # runs as any call, and leaves its outcome for the others
+            self.__dict__['_Command__cached'] = outcome
+            try:
+                value = self.execute()
+            except BaseException as exc:
+                shared.set_exception(exc)
+                raise
+            shared.set_result(value)
+            return value
+        clock = rt.clock
+        ex = _begin(rt, clock.monotonic())
+        if self.__dict__.setdefault('_Command__execution', ex) is not ex:
+            self.__ran_already()
+        if not shared.done():   # the first still runs: wait for it (on the clock)
+            try:
+                clock.wait_until(shared, ex.start + _FOREVER)
+            except BaseException:
+                if not shared.done():
+                    raise
+                # (else it is the first's error: raised below, once counted)
+        ex.decided = True
+        ex.from_cache(outcome.command)
+        error = shared.exception()
+        return ex.answer(None, error) if error is not None else ex.answer(shared.result(), None)
+
+    def __queue_cached(self, rt: _Runtime, context: RequestContext, key: str,
+                       loop: Any) -> 'asyncio.Future[Any]':
+        # Every caller gets a future of its own: one cancelled leaves the others theirs.
+        outcome, first = context.cached(rt.command_key, key, self)
+        shared = outcome.future
+        mine = loop.create_future()
+        if first:
+            self.__dict__['_Command__cached'] = outcome
+
+            def ran(future: 'asyncio.Future[Any]') -> None:
+                error = asyncio.CancelledError() if future.cancelled() else future.exception()
+                if error is None:
+                    shared.set_result(future.result())
+                else:
+                    shared.set_exception(error)
+                _copy_outcome(shared, mine)
+
+            self.queue().add_done_callback(ran)
+            return mine
+        ex = _begin(rt, rt.clock.monotonic())
+        if self.__dict__.setdefault('_Command__execution', ex) is not ex:
+            self.__ran_already()
+
+        def answered() -> None:   # on the loop
+            ex.decided = True
+            ex.from_cache(outcome.command)
+            _copy_outcome(shared, mine)
+
+        def wake(_future: Any) -> None:   # on whichever thread finished the first call
+            try:
+                loop.call_soon_threadsafe(answered)
+            except RuntimeError:   # the loop is closed: nobody waits any more
+                pass
+
+        shared.add_done_callback(wake)
+        return mine
+
+    def mark_collapsed(self, requests: int) -> None:
+        """After it ran: this command answered a batch of ``requests`` collapsed requests.
+
+        :class:`~blackgate.Collapser` calls it on its batch command: its events then
+        end with ``COLLAPSED``, its metrics count ``requests`` of them (Hystrix's
+        ``rollingCountCollapsedRequests``) and listeners hear it once.
+        """
+        ex = self.__dict__.get('_Command__execution')
+        if ex is None or not ex.events:
+            raise BlackgateError('%s.mark_collapsed() is for a command that ran (the batch '
+                                 'command of a Collapser, once it answered)'
+                                 % (type(self).__name__,))
+        ex.collapsed(requests)
 
     def __ran_already(self) -> None:
         raise BlackgateError('this %s instance has already run; a command instance runs '

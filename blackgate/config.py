@@ -81,6 +81,7 @@ class CommandSettings:
     metrics_health_snapshot_interval: float = DEFAULT_HEALTH_SNAPSHOT_INTERVAL
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     fallback_max_concurrent_requests: int = DEFAULT_FALLBACK_MAX_CONCURRENT_REQUESTS
+    request_cache_enabled: bool = True
 
     def replace(self, **changes: Any) -> 'CommandSettings':
         """A validated copy with ``changes`` applied."""
@@ -178,6 +179,7 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     'metrics_health_snapshot_interval': _number(0, MAX_SECONDS),
     'max_concurrent_requests': _integer(0),
     'fallback_max_concurrent_requests': _integer(0),
+    'request_cache_enabled': _boolean(),
     'max_workers': _integer(1, 10_000),
     'max_queue_size': _integer(0),
 }

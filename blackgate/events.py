@@ -22,6 +22,12 @@ class Event(str, enum.Enum):
     FALLBACK_FAILURE = 'FALLBACK_FAILURE'
     FALLBACK_REJECTION = 'FALLBACK_REJECTION'
     FALLBACK_MISSING = 'FALLBACK_MISSING'
+    #: The answer came from the request cache: an earlier call with the same
+    #: ``cache_key()`` in this request context ran (its events come first).
+    RESPONSE_FROM_CACHE = 'RESPONSE_FROM_CACHE'
+    #: This execution answered a batch of collapsed requests (see ``Collapser``);
+    #: the rolling count is the number of requests, as in Hystrix.
+    COLLAPSED = 'COLLAPSED'
 
     def __str__(self) -> str:
         return self.value

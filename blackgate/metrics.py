@@ -252,6 +252,22 @@ class RollingMetrics:
             self._snapshot_due = now + self._interval
             return self._snapshot
 
+    def count(self, event: Event, times: int, now: Optional[float] = None) -> None:
+        """Add ``times`` to ``event``'s count, with no execution or latency of its own.
+
+        For counts that are not one per execution: a batch command's ``COLLAPSED``
+        counts the requests it answered.
+        """
+        if now is None:
+            now = self.clock.monotonic()
+        position = _INDEX[Event(event)]
+        with self._lock:
+            self._fold(now)
+            bucket = self._bucket(int(now // self._width))
+            if bucket is None:
+                bucket = self._past_bucket()
+            bucket.counts[position] += times
+
     def _fold(self, now: float) -> None:
         """Move what was recorded since the last fold into the buckets (lock held).
 

@@ -20,6 +20,10 @@ a Tornado handler: see ``examples/prometheus_metrics.py`` and
 ``blackgate_command_fallback_calls_total{kind}``           counter    what the fallbacks did:
                                                                       ``successful``, ``failed``,
                                                                       ``rejected``, ``missing``
+``blackgate_command_responses_from_cache_total``            counter    calls answered from the
+                                                                      request cache
+``blackgate_command_collapsed_requests_total``             counter    requests its batches
+                                                                      answered (a Collapser's)
 ``blackgate_command_latency_seconds``                      histogram  ``run()`` time
 ``blackgate_command_total_latency_seconds``                histogram  call-to-answer time
 ``blackgate_command_requests``                             gauge      requests in the rolling
@@ -34,6 +38,10 @@ a Tornado handler: see ``examples/prometheus_metrics.py`` and
 ``blackgate_circuit_breaker_state{state}``                 gauge      1 for the current state
 ``blackgate_circuit_breaker_transitions_total{from,to}``   counter    the breaker's moves
 ``blackgate_pool_*``                                       (several)  the executor pools
+``blackgate_collapser_batches_total``                      counter    batches sent (label
+                                                                      ``collapser``)
+``blackgate_collapser_requests_batched_total``             counter    requests they answered
+``blackgate_collapser_batch_size``                         histogram  requests per batch
 =========================================================  =========  ============================
 
 The call counters and histograms are cumulative since the command key's
@@ -66,11 +74,14 @@ from .events import BreakerState, Event
 from .metrics import LatencyHistogram, check_bounds
 from .registry import Component, component
 
-__all__ = ('BlackgateCollector', 'register', 'DEFAULT_BUCKETS')
+__all__ = ('BlackgateCollector', 'register', 'DEFAULT_BUCKETS', 'DEFAULT_BATCH_SIZE_BUCKETS')
 
 #: The latency histograms' bucket bounds, in seconds (and an ``+Inf`` bucket).
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: The batch-size histogram's bucket bounds, in requests (and an ``+Inf`` bucket).
+DEFAULT_BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 #: ``kind`` of ``blackgate_command_calls_total``: each call has one of these events first.
 CALL_KINDS = (
@@ -94,6 +105,7 @@ STATES = ('closed', 'open', 'half_open', 'forced_open', 'forced_closed', 'disabl
 
 _COMMAND_LABELS = ['command', 'group']
 _POOL_LABELS = ['group']
+_COLLAPSER_LABELS = ['collapser']
 
 # prometheus_client registry -> the collectors register() put in it
 _registered: List[Tuple[Any, 'BlackgateCollector']] = []
@@ -208,6 +220,9 @@ class BlackgateCollector:
                                       ('total_latency', cumulative.total_latency)):
                 families[family].add_metric(labels, _buckets(histogram), histogram.seconds)
             health = metrics.health()
+            counted = cumulative.counts
+            families['from_cache'].add_metric(labels, counted[Event.RESPONSE_FROM_CACHE])
+            families['collapsed'].add_metric(labels, counted[Event.COLLAPSED])
             families['requests'].add_metric(labels, health.total_requests)
             if health.total_requests:   # no requests, no ratio: never a 0 that reads healthy
                 families['error_ratio'].add_metric(labels, health.error_percentage / 100.0)
@@ -231,6 +246,18 @@ class BlackgateCollector:
             families['queued'].add_metric(labels, pool.queue_size)
             families['completed'].add_metric(labels, pool.completed_count)
             families['rejected'].add_metric(labels, pool.rejected_count)
+        for collapser_key in registry.collapser_keys:
+            counts, sizes = registry.collapser_metrics(collapser_key).cumulative()
+            if not counts['batches']:   # looked up, never sent a batch: nothing to say
+                continue
+            labels = [collapser_key]
+            families['batches'].add_metric(labels, counts['batches'])
+            families['batched'].add_metric(labels, counts['requests_batched'])
+            under = []
+            for bound in DEFAULT_BATCH_SIZE_BUCKETS + (math.inf,):
+                seen = sum(count for size, count in sizes.sizes if size <= bound)
+                under.append(('+Inf' if bound == math.inf else str(bound), seen))
+            families['batch_size'].add_metric(labels, under, counts['requests_batched'])
         return iter(families.values())
 
     @staticmethod
@@ -252,6 +279,14 @@ class BlackgateCollector:
                 'blackgate_command_total_latency_seconds',
                 'Time from call to answer, fallback included.', labels=command,
                 unit='seconds'),
+            'from_cache': CounterMetricFamily(
+                'blackgate_command_responses_from_cache',
+                'Calls answered from the request cache (RESPONSE_FROM_CACHE), since the command '
+                'key was first used; not in blackgate_command_calls_total.', labels=command),
+            'collapsed': CounterMetricFamily(
+                'blackgate_command_collapsed_requests',
+                'Requests collapsed into the batches this command answered (COLLAPSED).',
+                labels=command),
             'requests': GaugeMetricFamily(
                 'blackgate_command_requests',
                 'Requests (errors plus successes) in the rolling window, as the circuit '
@@ -298,6 +333,16 @@ class BlackgateCollector:
             'rejected': CounterMetricFamily(
                 'blackgate_pool_rejected', 'Submissions refused since the pool started.',
                 labels=pool),
+            'batches': CounterMetricFamily(
+                'blackgate_collapser_batches', 'Batches a collapser sent.',
+                labels=_COLLAPSER_LABELS),
+            'batched': CounterMetricFamily(
+                'blackgate_collapser_requests_batched',
+                'Requests answered by the batches a collapser sent.',
+                labels=_COLLAPSER_LABELS),
+            'batch_size': HistogramMetricFamily(
+                'blackgate_collapser_batch_size', 'Requests per batch a collapser sent.',
+                labels=_COLLAPSER_LABELS),
         }
 
     def __repr__(self) -> str:

@@ -46,6 +46,7 @@ import tornado.web
 
 from . import exchange, tracing, transport
 from .command import Command, DeferredOutcome
+from .context import REQUEST_CONTEXT, RequestContext
 from .errors import BadRequest, BlackgateError, CommandError, ConfigError
 from .events import Event, FailureType
 from .registry import component
@@ -408,6 +409,9 @@ class HTTPProxy(tornado.web.RequestHandler):
     websocket: bool = False
 
     command: 'type[HTTPProxyCommand]'
+    #: The request context the command runs in, one per request (for an access log:
+    #: ``str(handler.request_context.log)``); None until the command started.
+    request_context: Optional[RequestContext] = None
 
     @classmethod
     def route(cls, pattern: str, command: 'type[HTTPProxyCommand]', **settings: Any
@@ -559,11 +563,19 @@ class HTTPProxy(tornado.web.RequestHandler):
             command._proxy_build_request = self._request_later
         if self.max_response_body_size is not None:
             command.max_response_body_size = self.max_response_body_size
-        if component.tracer is None:
-            self._pending = command.queue()
-        else:
-            with tracing.incoming(self.request.headers):   # the client's trace, if any
+        # One request context per proxied request: the command's task (run(), its hooks,
+        # the commands they start) is created inside it, and keeps it. About 0.5 us with
+        # the command logged in it (timeit, 3.11).
+        context = self.request_context = RequestContext()
+        token = REQUEST_CONTEXT.set(context)
+        try:
+            if component.tracer is None:
                 self._pending = command.queue()
+            else:
+                with tracing.incoming(self.request.headers):   # the client's trace, if any
+                    self._pending = command.queue()
+        finally:
+            REQUEST_CONTEXT.reset(token)
 
     # -- the methods -----------------------------------------------------------------------
 

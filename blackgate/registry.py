@@ -24,8 +24,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .breaker import CircuitBreaker
 from .clock import SystemClock
+from .collapser_metrics import CollapserMetrics
 from .config import (CommandSettings, PoolSettings, SHARED_PER_KEY, check_command_mapping,
                      check_pool_mapping, resolve_command_settings)
+from .context import RequestContext, RequestLog, Scope, current
 from .errors import BlackgateError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event
 from .metrics import RollingMetrics
@@ -104,6 +106,9 @@ class Component:
         self._tracing: Optional[Any] = None
         #: the tracer commands hand their executions to (``blackgate.tracing``), or None
         self.tracer: Optional[Any] = None
+        # collapsers: metrics per collapser key, and the pending batches of global scope
+        self._collapser_metrics: Dict[str, CollapserMetrics] = {}
+        self._global_scope = Scope()
 
     # -- configuration ---------------------------------------------------------------
 
@@ -320,6 +325,46 @@ class Component:
                     self._store.attach(state.breaker)
             return state
 
+    # -- request contexts and collapsers -----------------------------------------------
+
+    def request_context(self) -> RequestContext:
+        """A new request context, for ``with`` or ``async with`` (see :mod:`blackgate.context`).
+
+        Inside it, a command with ``cache_key()`` runs once per key, request-scoped
+        collapsers gather their batches, and :meth:`request_log` lists what ran.
+        """
+        return RequestContext()
+
+    def request_log(self) -> Optional[RequestLog]:
+        """The log of the commands started in the current request context; None outside one."""
+        context = current()
+        return None if context is None else context.log
+
+    @property
+    def global_scope(self) -> Scope:
+        """State shared by every caller until :meth:`reset`: global-scope collapsers use it."""
+        return self._global_scope
+
+    def collapser_metrics(self, collapser_key: str) -> CollapserMetrics:
+        """The metrics of ``collapser_key`` (batches, requests batched, batch sizes)."""
+        metrics = self._collapser_metrics.get(collapser_key)
+        if metrics is not None:
+            return metrics
+        if not isinstance(collapser_key, str) or not collapser_key:
+            raise BlackgateError('collapser_key must be a non-empty string, got %r'
+                                 % (collapser_key,))
+        with self._lock:
+            metrics = self._collapser_metrics.get(collapser_key)
+            if metrics is None:
+                metrics = self._collapser_metrics[collapser_key] = CollapserMetrics(
+                    collapser_key, self._clock)
+            return metrics
+
+    @property
+    def collapser_keys(self) -> List[str]:
+        """Every collapser key that has sent a batch or been looked up, sorted."""
+        return sorted(self._collapser_metrics)
+
     # -- the clock ---------------------------------------------------------------------
 
     @property
@@ -339,6 +384,8 @@ class Component:
             for state in self._keys.values():
                 state.metrics.clock = clock
                 state.breaker.clock = clock
+            for metrics in self._collapser_metrics.values():
+                metrics.clock = clock
             if self._store is not None:
                 self._store.clock = clock
             self._runtimes.clear()

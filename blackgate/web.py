@@ -9,8 +9,9 @@ Mount both in a Tornado application with :func:`routes`::
 :class:`MetricsStreamHandler` speaks the format of Hystrix's
 ``HystrixMetricsStreamServlet``: a ``text/event-stream`` with, every ``delay``
 milliseconds, one ``data: {json}`` event per command key (``"type":
-"HystrixCommand"``) and per executor pool (``"type": "HystrixThreadPool"``),
-so the Netflix Hystrix dashboard, Turbine and their successors read it unchanged.
+"HystrixCommand"``), per executor pool (``"type": "HystrixThreadPool"``) and
+per collapser key (``"type": "HystrixCollapser"``), so the Netflix Hystrix
+dashboard, Turbine and their successors read it unchanged.
 :class:`DashboardHandler` serves a page, shipped in the package and loading
 nothing from elsewhere, that reads the same stream.
 
@@ -48,18 +49,24 @@ import tornado.ioloop
 import tornado.iostream
 import tornado.web
 
+from .command import Command
 from .config import DEFAULT_ROLLING_WINDOW
 from .events import Event
 from .registry import Component, component
 
 __all__ = ('MetricsStreamHandler', 'DashboardHandler', 'routes', 'command_sample',
-           'pool_sample', 'stream_samples')
+           'pool_sample', 'collapser_sample', 'stream_samples')
 
 log = logging.getLogger('blackgate')
 
 #: The latency percentiles of ``latencyExecute`` and ``latencyTotal``, as Hystrix sends them.
 PERCENTILES = (0, 25, 50, 75, 90, 95, 99, 99.5, 100)
 _PERCENTILE_NAMES = tuple((p, '%g' % p) for p in PERCENTILES)
+
+#: The batch-size percentiles of a ``HystrixCollapser`` event's ``batchSize``, as Hystrix
+#: sends them.
+BATCH_SIZE_PERCENTILES = (25, 50, 75, 90, 95, 99, 99.5, 100)
+_BATCH_SIZE_NAMES = tuple((p, '%g' % p) for p in BATCH_SIZE_PERCENTILES)
 
 #: Milliseconds between samples when the client does not ask (``?delay=``).
 DEFAULT_DELAY = 500
@@ -71,7 +78,6 @@ DEFAULT_MAX_CLIENTS = 5
 #: The SSE comment-like keep-alive line of Hystrix's stream: EventSource ignores it.
 PING = b'ping: \n\n'
 
-_RESPONSE_FROM_CACHE = getattr(Event, 'RESPONSE_FROM_CACHE', None)
 # Hystrix 1.5's EXCEPTION_PRODUCING_EVENT_TYPES (its FALLBACK_DISABLED is our FALLBACK_MISSING)
 _EXCEPTION_THROWN = (Event.BAD_REQUEST, Event.FALLBACK_FAILURE, Event.FALLBACK_MISSING,
                      Event.FALLBACK_REJECTION)
@@ -113,17 +119,26 @@ def _isolation(registry: Component) -> Dict[str, str]:
     return strategies
 
 
+def _caching(registry: Component) -> Set[str]:
+    """The command keys of which a class defines ``cache_key()``."""
+    return {command_key for cls, command_key in registry.command_classes.items()
+            if getattr(cls, 'cache_key', None) is not Command.cache_key}
+
+
 def command_sample(command_key: str, registry: Optional[Component] = None,
-                   isolation: Optional[str] = None, now: Optional[float] = None
-                   ) -> Dict[str, Any]:
+                   isolation: Optional[str] = None, now: Optional[float] = None,
+                   caching: Optional[bool] = None) -> Dict[str, Any]:
     """The ``HystrixCommand`` event of ``command_key``: every field Hystrix's dashboard reads.
 
     :param isolation: ``'THREAD'`` or ``'SEMAPHORE'``; found from the command's class if None.
     :param now: the wall-clock time in seconds (``registry.clock.wall()`` if None).
+    :param caching: whether a class of the key defines ``cache_key()``; found if None.
     """
     registry = registry if registry is not None else component
     if isolation is None:
         isolation = _isolation(registry).get(command_key, 'THREAD')
+    if caching is None:
+        caching = command_key in _caching(registry)
     breaker = registry.circuit_breaker(command_key)
     metrics = registry.metrics(command_key)
     settings = breaker.settings
@@ -143,12 +158,12 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
         'errorPercentage': int(health.error_percentage),
         'errorCount': health.error_count,
         'requestCount': health.total_requests,
-        'rollingCountCollapsedRequests': 0,
+        # the requests collapsed into this key's batches, as Hystrix counts COLLAPSED
+        'rollingCountCollapsedRequests': counts[Event.COLLAPSED],
         'rollingCountEmit': 0,
         'rollingCountExceptionsThrown': sum(counts[event] for event in _EXCEPTION_THROWN),
         'rollingCountFallbackEmit': 0,
-        'rollingCountResponsesFromCache': (counts.get(_RESPONSE_FROM_CACHE, 0)
-                                           if _RESPONSE_FROM_CACHE is not None else 0),
+        'rollingCountResponsesFromCache': counts[Event.RESPONSE_FROM_CACHE],
     }
     for field, event in _COUNT_FIELDS:
         sample[field] = counts[event]
@@ -183,8 +198,10 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
         'propertyValue_fallbackEnabled': settings.fallback_enabled,
         'propertyValue_metricsRollingStatisticalWindowInMilliseconds':
             _ms(settings.metrics_rolling_window),
-        'propertyValue_requestCacheEnabled': False,
-        'propertyValue_requestLogEnabled': False,
+        # on where it can answer anything: cache_key() defined, request_cache_enabled
+        'propertyValue_requestCacheEnabled': caching and settings.request_cache_enabled,
+        # every command started in a request context is in its request log
+        'propertyValue_requestLogEnabled': True,
         'reportingHosts': 1,
         'threadPool': settings.group_key,
         # Blackgate's own: Hystrix's boolean cannot tell HALF_OPEN (one trial out) from OPEN.
@@ -247,16 +264,49 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
     }
 
 
+def collapser_sample(collapser_key: str, registry: Optional[Component] = None,
+                     now: Optional[float] = None) -> Dict[str, Any]:
+    """The ``HystrixCollapser`` event of ``collapser_key``: the fields of Hystrix's serializer.
+
+    ``rollingCountRequestsBatched`` and ``rollingCountBatches`` over the rolling
+    window, the batch sizes' whole mean and percentiles (``batchSize``), and the
+    collapser's settings in Hystrix's units.
+    """
+    registry = registry if registry is not None else component
+    metrics = registry.collapser_metrics(collapser_key)
+    counts = metrics.rolling_counts()
+    sizes = metrics.rolling_batch_sizes(BATCH_SIZE_PERCENTILES)
+    return {
+        'type': 'HystrixCollapser',
+        'name': collapser_key,
+        'currentTime': _ms(registry.clock.wall() if now is None else now),
+        'rollingCountRequestsBatched': counts['requests_batched'],
+        'rollingCountBatches': counts['batches'],
+        'rollingCountResponsesFromCache': counts['responses_from_cache'],
+        'batchSize_mean': int(sizes.mean),   # Hystrix's is a Java int
+        'batchSize': {name: sizes.percentiles[p] for p, name in _BATCH_SIZE_NAMES},
+        'propertyValue_requestCacheEnabled': False,
+        'propertyValue_maxRequestsInBatch': metrics.max_requests_in_batch,
+        'propertyValue_timerDelayInMilliseconds': _ms(metrics.timer_delay),
+        'propertyValue_metricsRollingStatisticalWindowInMilliseconds': _ms(metrics.window),
+        'reportingHosts': 1,
+        # Blackgate's own: whose calls a batch gathers ('request' or 'global')
+        'scope': metrics.scope,
+    }
+
+
 def stream_samples(registry: Optional[Component] = None) -> List[Dict[str, Any]]:
-    """One sample per command key, then one per executor pool used, as the stream sends them."""
+    """One sample per command key, one per executor pool used, then one per collapser key."""
     registry = registry if registry is not None else component
     now = registry.clock.wall()
     isolation = _isolation(registry)
-    commands = [command_sample(key, registry, isolation.get(key, 'THREAD'), now)
+    caching = _caching(registry)
+    commands = [command_sample(key, registry, isolation.get(key, 'THREAD'), now, key in caching)
                 for key in registry.command_keys]
     pools = [pool_sample(group_key, registry, commands, now)
              for group_key, pool in sorted(registry.pools.items()) if pool.used]
-    return commands + pools
+    collapsers = [collapser_sample(key, registry, now) for key in registry.collapser_keys]
+    return commands + pools + collapsers
 
 
 def _encode(samples: List[Dict[str, Any]]) -> bytes:

@@ -365,10 +365,11 @@ async def test_command_event_shows_the_configuration_in_hystrix_units(streams, c
     assert data['propertyValue_metricsRollingStatisticalWindowInMilliseconds'] == 20000
     assert data['propertyValue_executionIsolationSemaphoreMaxConcurrentRequests'] == 3
     assert data['propertyValue_fallbackIsolationSemaphoreMaxConcurrentRequests'] == 4
-    # Python cannot interrupt a thread; there is no request cache or request log
+    # Python cannot interrupt a thread; no cache_key(), so no request cache; every
+    # command started in a request context is in its request log
     assert data['propertyValue_executionIsolationThreadInterruptOnTimeout'] is False
     assert data['propertyValue_requestCacheEnabled'] is False
-    assert data['propertyValue_requestLogEnabled'] is False
+    assert data['propertyValue_requestLogEnabled'] is True
     search = await stream.sample('search')
     assert search['propertyValue_executionIsolationStrategy'] == 'SEMAPHORE'
     assert search['rollingCountSuccess'] == 1
