@@ -15,13 +15,15 @@ naming the key, the bad value and what is allowed.
 import dataclasses
 import difflib
 import math
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
 __all__ = (
     'CommandSettings',
     'PoolSettings',
+    'LimitSettings',
+    'LIMIT_ALGORITHMS',
     'COMMAND_DEFAULTS',
     'SHARED_PER_KEY',
     'resolve_command_settings',
@@ -94,12 +96,37 @@ class CommandSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LimitSettings:
+    """The validated ``concurrency_limit`` of an executor pool: an adaptive limit.
+
+    ``options`` holds the algorithm's own parameters, every one of them
+    (defaults filled in), as sorted ``(name, value)`` pairs.
+    """
+
+    algorithm: str
+    initial: int
+    min: int
+    max: int
+    #: seconds of samples aggregated into one update; 0 updates on every sample
+    window: float
+    #: samples a window needs before it counts (a quieter window is discarded)
+    window_size: int
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+    def option(self, name: str) -> Any:
+        """One of the algorithm's parameters."""
+        return dict(self.options)[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolSettings:
     """The validated settings of one executor pool (bulkhead)."""
 
     group_key: str
     max_workers: int = DEFAULT_MAX_WORKERS
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    #: an adaptive limit on the work admitted at once, or None for ``max_workers``
+    concurrency_limit: Optional[LimitSettings] = None
 
 
 #: The built-in value of every command setting except ``command_key``.
@@ -184,6 +211,42 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
 
 _COMMAND_KEYS = ('command_key',) + tuple(COMMAND_DEFAULTS)
 _POOL_KEYS = tuple(field.name for field in dataclasses.fields(PoolSettings))
+
+#: The adaptive limit algorithms and their own parameters' defaults (see limits.py
+#: and docs/guide.rst for where each comes from and where Blackgate's differ).
+LIMIT_ALGORITHMS: Dict[str, Dict[str, Any]] = {
+    # Netflix concurrency-limits Gradient2Limit: smoothing 0.2, queueSize 4,
+    # longWindow 600, rttTolerance 1.5.
+    'gradient2': {'smoothing': 0.2, 'queue_size': 4, 'long_window': 600, 'tolerance': 1.5,
+                  'window': 1.0, 'window_size': 10},
+    # VegasLimit: smoothing 1.0, probeMultiplier 30 (alpha 3·log10 L, beta 6·log10 L).
+    'vegas': {'smoothing': 1.0, 'probe_multiplier': 30, 'window': 1.0, 'window_size': 10},
+    # AIMDLimit: backoffRatio 0.9, judged on every sample.
+    'aimd': {'backoff_ratio': 0.9, 'window': 0.0, 'window_size': 1},
+}
+#: Keys every algorithm takes besides its own.
+_LIMIT_COMMON = ('algorithm', 'initial', 'min', 'max', 'window', 'window_size')
+#: The initial limit when none is given (Netflix's), capped by ``max``.
+DEFAULT_LIMIT_INITIAL = 20
+#: The floor when none is given: 1, so that a sick dependency may be shed to a trickle
+#: (Netflix's Gradient2 floor is its initial 20, as many as our default pool's workers).
+DEFAULT_LIMIT_MIN = 1
+
+_LIMIT_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    'initial': _integer(1, 10_000),
+    'min': _integer(1, 10_000),
+    'max': _integer(1, 10_000),
+    'window': _number(0, 60),
+    'window_size': _integer(1, 100_000),
+    'smoothing': _rule(lambda v: _is_number(v) and 0 < v <= 1, 'a number greater than 0 and '
+                       'at most 1'),
+    'queue_size': _integer(0, 10_000),
+    'long_window': _integer(1, 1_000_000),
+    'tolerance': _number(1, 100),
+    'probe_multiplier': _integer(1, 1_000_000),
+    'backoff_ratio': _rule(lambda v: _is_number(v) and 0.5 <= v < 1, 'a number from 0.5 to '
+                           'below 1'),
+}
 
 
 def check_value(owner: str, key: str, value: Any) -> None:
@@ -296,9 +359,59 @@ def check_pool_mapping(owner: str, value: Any) -> PoolSettings:
     _check_keys(owner, value, _POOL_KEYS)
     if 'group_key' not in value:
         raise ConfigError('%s: missing group_key; write it as %s' % (owner, example))
-    for key, item in value.items():
+    values = dict(value)
+    limit = values.pop('concurrency_limit', None)
+    for key, item in values.items():
         check_value(owner, key, item)
-    return PoolSettings(**value)
+    settings = PoolSettings(**values)
+    if limit is None:
+        return settings
+    owner = '%s: executor pool %r' % (owner, settings.group_key)
+    return dataclasses.replace(settings, concurrency_limit=check_limit_mapping(
+        owner, limit, settings.max_workers, settings.max_queue_size))
+
+
+def check_limit_mapping(owner: str, value: Any, max_workers: int,
+                        max_queue_size: int = 0) -> LimitSettings:
+    """Validate an executor pool's ``concurrency_limit`` and return its settings."""
+    example = "{'algorithm': 'gradient2', 'initial': 10, 'min': 1, 'max': %d}" % (max_workers,)
+    owner = '%s: concurrency_limit' % (owner,)
+    _require_mapping(owner, value, example)
+    algorithm = value.get('algorithm', 'gradient2')
+    if algorithm not in LIMIT_ALGORITHMS:
+        raise ConfigError('%s: algorithm=%r is not known; expected one of %s'
+                          % (owner, algorithm, ', '.join(map(repr, LIMIT_ALGORITHMS))))
+    own = LIMIT_ALGORITHMS[algorithm]
+    allowed = _LIMIT_COMMON + tuple(name for name in own if name not in _LIMIT_COMMON)
+    _check_keys('%s (algorithm %r)' % (owner, algorithm), value, allowed)
+    for key, item in value.items():
+        if key != 'algorithm':
+            accepts, expected = _LIMIT_RULES[key]
+            if not accepts(item):
+                problem = ('is out of range' if _looks_like(item, expected)
+                           else 'has the wrong type')
+                raise ConfigError('%s: %s=%r %s; expected %s'
+                                  % (owner, key, item, problem, expected))
+    if max_queue_size:
+        raise ConfigError(
+            '%s: an adaptive limit learns from the latency of what it admits, and a queue in '
+            'front of the workers hides it; remove max_queue_size=%r (or the limit)'
+            % (owner, max_queue_size))
+    high = value.get('max', max_workers)
+    if high > max_workers:
+        raise ConfigError('%s: max=%r is more than the pool\'s max_workers=%r; the limit '
+                          'never admits more than there are workers: raise max_workers or '
+                          'lower max' % (owner, high, max_workers))
+    low = value.get('min', min(DEFAULT_LIMIT_MIN, high))
+    initial = value.get('initial', max(low, min(DEFAULT_LIMIT_INITIAL, high)))
+    if not low <= initial <= high:
+        raise ConfigError('%s: expected min <= initial <= max, got min=%r, initial=%r, max=%r'
+                          % (owner, low, initial, high))
+    options = {name: value.get(name, default) for name, default in own.items()
+               if name not in _LIMIT_COMMON}
+    return LimitSettings(algorithm, initial, low, high, value.get('window', own['window']),
+                         value.get('window_size', own['window_size']),
+                         tuple(sorted(options.items())))
 
 
 def resolve_command_settings(command_key: str, class_values: Mapping[str, Any],

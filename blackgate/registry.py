@@ -339,6 +339,8 @@ class Component:
             for state in self._keys.values():
                 state.metrics.clock = clock
                 state.breaker.clock = clock
+            for pool in self._pools.values():
+                pool.clock = clock
             if self._store is not None:
                 self._store.clock = clock
             self._runtimes.clear()
@@ -414,6 +416,9 @@ class Component:
             else:
                 _check_same_key(state.owner, state.settings, cls.__qualname__, settings)
             pool = self._pool_for(settings.group_key) if needs_pool else None
+            if pool is not None and pool.limiter is not None:
+                # its adaptive limit counts an execution this long as dropped (a TIMEOUT)
+                pool.note_timeout(settings.timeout if settings.timeout_enabled else None)
             self._classes[cls] = (command_key, dict(class_values))
             return settings, state, pool
 
@@ -448,7 +453,7 @@ class Component:
         old = self._pools.get(settings.group_key)
         if old is not None and old.settings == settings and not old.is_shut_down:
             return old
-        pool = self._pools[settings.group_key] = ExecutorPool(settings)
+        pool = self._pools[settings.group_key] = ExecutorPool(settings, self._clock)
         if old is not None:
             old.retire(pool)   # calls still holding it are passed on; its work drains
         return pool
