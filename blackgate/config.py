@@ -17,7 +17,7 @@ import difflib
 import math
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
-from .errors import ConfigError
+from .errors import BadRequest, ConfigError
 
 __all__ = (
     'CommandSettings',
@@ -29,6 +29,8 @@ __all__ = (
     'resolve_command_settings',
     'check_command_mapping',
     'check_pool_mapping',
+    'check_limit_mapping',
+    'RETRY_KEYS',
     'check_value',
     'check_class_attributes',
 )
@@ -56,6 +58,14 @@ DEFAULT_FALLBACK_MAX_CONCURRENT_REQUESTS = 10
 MAX_SECONDS = 1_000_000.0
 #: The narrowest rolling-window bucket: one millisecond, as in Hystrix.
 MIN_BUCKET_SECONDS = 0.001
+#: Extra attempts after the first (0: no retries).
+DEFAULT_RETRY_ATTEMPTS = 0
+#: Seconds: the base of the exponential backoff with full jitter between attempts.
+DEFAULT_RETRY_BACKOFF = 0.05
+#: Retries may add at most this percentage of a command key's calls (Finagle, Envoy: 20).
+DEFAULT_RETRY_BUDGET_PERCENT = 20
+#: ... plus this many retries a second whatever the traffic (Finagle: 10).
+DEFAULT_RETRY_BUDGET_MIN_PER_SECOND = 10
 #: Workers of an executor pool.
 DEFAULT_MAX_WORKERS = 10
 #: Waiting slots of an executor pool; 0 rejects as soon as every worker is busy.
@@ -83,6 +93,12 @@ class CommandSettings:
     metrics_health_snapshot_interval: float = DEFAULT_HEALTH_SNAPSHOT_INTERVAL
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     fallback_max_concurrent_requests: int = DEFAULT_FALLBACK_MAX_CONCURRENT_REQUESTS
+    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF
+    retry_on: Tuple[type, ...] = (Exception,)
+    retry_on_timeout: bool = False
+    retry_budget_percent: float = DEFAULT_RETRY_BUDGET_PERCENT
+    retry_budget_min_per_second: float = DEFAULT_RETRY_BUDGET_MIN_PER_SECOND
 
     def replace(self, **changes: Any) -> 'CommandSettings':
         """A validated copy with ``changes`` applied."""
@@ -139,8 +155,12 @@ COMMAND_DEFAULTS: Dict[str, Any] = {
 #: rather than to one class: classes sharing a key must agree on them.
 SHARED_PER_KEY = tuple(
     name for name in COMMAND_DEFAULTS
-    if name.startswith(('circuit_breaker_', 'metrics_')) or name.endswith('max_concurrent_requests')
+    if name.startswith(('circuit_breaker_', 'metrics_', 'retry_budget_'))
+    or name.endswith('max_concurrent_requests')
 )
+
+#: The retry settings, checked as soon as a class defining them is (see check_class_attributes).
+RETRY_KEYS = tuple(name for name in COMMAND_DEFAULTS if name.startswith('retry_'))
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -154,6 +174,16 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _retry_classes(value: Any) -> Any:
+    """``retry_on`` as a tuple of exception classes, or None if it is not one."""
+    classes = value if isinstance(value, tuple) else (value,)
+    for item in classes:
+        if not (isinstance(item, type) and issubclass(item, Exception)) \
+                or issubclass(item, BadRequest):
+            return None
+    return classes if classes else None
 
 
 def _rule(accepts: Callable[[Any], bool], expected: str) -> Tuple[Callable[[Any], bool], str]:
@@ -207,6 +237,14 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     'fallback_max_concurrent_requests': _integer(0),
     'max_workers': _integer(1, 10_000),
     'max_queue_size': _integer(0),
+    'retry_attempts': _integer(0, 100),
+    'retry_backoff': _number(0, MAX_SECONDS),
+    'retry_on': _rule(lambda v: _retry_classes(v) is not None,
+                      'an exception class, or a tuple of them, subclasses of Exception and '
+                      'not of BadRequest (never retried)'),
+    'retry_on_timeout': _boolean(),
+    'retry_budget_percent': _number(0, 100),
+    'retry_budget_min_per_second': _number(0, 1_000_000),
 }
 
 _COMMAND_KEYS = ('command_key',) + tuple(COMMAND_DEFAULTS)
@@ -308,6 +346,9 @@ def check_class_attributes(owner: str, attributes: Mapping[str, Any]) -> None:
     with ``_``, methods and descriptors are not checked.
     """
     for name, value in attributes.items():
+        if name in RETRY_KEYS:
+            check_value(owner, name, value)   # checked now: a bad one would show at the first failure
+            continue
         if name.startswith('_') or name in _COMMAND_KEYS:
             continue
         if callable(value) or hasattr(value, '__get__'):   # methods, properties, classmethods
@@ -425,6 +466,7 @@ def resolve_command_settings(command_key: str, class_values: Mapping[str, Any],
     values.update(defaults)
     values.update(class_values)
     values.update((k, v) for k, v in overrides.items() if k != 'command_key')
+    values['retry_on'] = _retry_classes(values['retry_on'])   # one class -> a tuple of it
     window, buckets = values['metrics_rolling_window'], values['metrics_rolling_buckets']
     if window / buckets < MIN_BUCKET_SECONDS:
         raise ConfigError('%s: metrics_rolling_window=%r split into metrics_rolling_buckets=%r '

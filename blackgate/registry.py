@@ -30,6 +30,7 @@ from .errors import BlackgateError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event
 from .metrics import RollingMetrics
 from .pools import ExecutorPool, Permits
+from .retry import RetryBudget
 
 __all__ = ('Component', 'component', 'KeyState')
 
@@ -44,7 +45,8 @@ _LISTENER_METHODS = ('on_event', 'on_state_change', 'on_reset')
 class KeyState:
     """Everything one command key owns: settings, breaker, metrics and permits."""
 
-    __slots__ = ('settings', 'breaker', 'metrics', 'run_permits', 'fallback_permits', 'owner')
+    __slots__ = ('settings', 'breaker', 'metrics', 'run_permits', 'fallback_permits', 'owner',
+                 'retry_budget', '_clock')
 
     def __init__(self, settings: CommandSettings, owner: Optional[str], clock,
                  notify: Callable[[str, BreakerState, BreakerState], None]) -> None:
@@ -54,6 +56,27 @@ class KeyState:
         self.breaker = CircuitBreaker(settings, self.metrics, clock, notify)
         self.run_permits = Permits(settings.max_concurrent_requests)
         self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
+        self._clock = clock
+        #: the key's retry budget (blackgate.retry), or None while it makes no retries
+        self.retry_budget: Optional[RetryBudget] = None
+        self._apply_budget(settings)
+
+    def _apply_budget(self, settings: CommandSettings) -> None:
+        budget = self.retry_budget
+        if not settings.retry_attempts:
+            self.retry_budget = None
+        elif (budget is None or budget.percent != settings.retry_budget_percent
+              or budget.min_per_second != settings.retry_budget_min_per_second):
+            self.retry_budget = RetryBudget(settings.retry_budget_percent,
+                                            settings.retry_budget_min_per_second, self._clock)
+
+    def set_clock(self, clock) -> None:
+        """Time the key's metrics, breaker and budget by ``clock`` from now on."""
+        self._clock = clock
+        self.metrics.clock = clock
+        self.breaker.clock = clock
+        if self.retry_budget is not None:
+            self.retry_budget.clock = clock
 
     def apply(self, settings: CommandSettings) -> None:
         """Take new settings, in place: the counts restart only if the window's shape changed."""
@@ -64,6 +87,7 @@ class KeyState:
         self.breaker.settings = settings
         self.run_permits.limit = settings.max_concurrent_requests
         self.fallback_permits.limit = settings.fallback_max_concurrent_requests
+        self._apply_budget(settings)
 
 
 def _new_metrics(settings: CommandSettings, clock) -> RollingMetrics:
@@ -274,6 +298,10 @@ class Component:
         """The rolling metrics of ``command_key``."""
         return self._key_state(command_key).metrics
 
+    def retry_budget(self, command_key: str) -> Optional[RetryBudget]:
+        """The retry budget of ``command_key``, or None while it makes no retries."""
+        return self._key_state(command_key).retry_budget
+
     def pool(self, group_key: str) -> ExecutorPool:
         """The executor pool of ``group_key``."""
         with self._lock:
@@ -337,8 +365,7 @@ class Component:
         with self._lock:
             self._clock = clock
             for state in self._keys.values():
-                state.metrics.clock = clock
-                state.breaker.clock = clock
+                state.set_clock(clock)
             for pool in self._pools.values():
                 pool.clock = clock
             if self._store is not None:
