@@ -231,6 +231,8 @@ class BlackgateCollector:
             families['queued'].add_metric(labels, pool.queue_size)
             families['completed'].add_metric(labels, pool.completed_count)
             families['rejected'].add_metric(labels, pool.rejected_count)
+            if pool.limit is not None:   # only a pool with an adaptive limit has one
+                families['limit'].add_metric(labels, pool.limit)
         return iter(families.values())
 
     @staticmethod
@@ -298,6 +300,10 @@ class BlackgateCollector:
             'rejected': CounterMetricFamily(
                 'blackgate_pool_rejected', 'Submissions refused since the pool started.',
                 labels=pool),
+            'limit': GaugeMetricFamily(
+                'blackgate_pool_concurrency_limit',
+                'The adaptive concurrency limit now: work admitted at once beyond it is '
+                'rejected (pools with a concurrency_limit only).', labels=pool),
         }
 
     def __repr__(self) -> str:

@@ -223,7 +223,7 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
     # A pool's Workers never stop a thread before shutdown: the threads they have
     # started are the pool's size now, and the largest it ever had.
     threads = pool.pool_size
-    return {
+    sample = {
         'type': 'HystrixThreadPool',
         'name': group_key,
         'currentTime': _ms(registry.clock.wall() if now is None else now),
@@ -245,6 +245,10 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
         # Blackgate's own: refusals since the pool started (full, or shut down).
         'cumulativeCountThreadPoolRejected': pool.rejected_count,
     }
+    limit = pool.limit
+    if limit is not None:   # Blackgate's own: the adaptive limit now (concurrency_limit)
+        sample['currentConcurrencyLimit'] = limit
+    return sample
 
 
 def stream_samples(registry: Optional[Component] = None) -> List[Dict[str, Any]]:

@@ -312,3 +312,42 @@ def test_learned_limit_settles_below_max_workers_with_better_goodput(clock):
     learned = component.pool('adaptive').limit
     assert learned <= 64 / 2, learned
     assert adaptive >= max(fixed.values()), (adaptive, fixed)
+
+
+# -- where the limit shows ------------------------------------------------------------------
+
+def test_the_stream_shows_the_limit_of_a_limited_pool_only(clock):
+    from blackgate.web import stream_samples
+    install_limited(algorithm='aimd', initial=3, max=8)
+    assert Limited().execute() == 'fresh'
+
+    class Plain(Command):
+        def run(self):
+            return 1
+
+    assert Plain().execute() == 1
+    pools = {sample['name']: sample for sample in stream_samples()
+             if sample['type'] == 'HystrixThreadPool'}
+    assert pools['limited']['currentConcurrencyLimit'] == 3
+    assert 'currentConcurrencyLimit' not in pools['default']
+
+
+def test_prometheus_has_a_limit_gauge_for_a_limited_pool_only(clock):
+    prometheus_client = pytest.importorskip('prometheus_client')
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from blackgate.prometheus import BlackgateCollector
+    install_limited(algorithm='aimd', initial=3, max=8)
+    assert Limited().execute() == 'fresh'
+
+    class Plain(Command):
+        def run(self):
+            return 1
+
+    assert Plain().execute() == 1
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(BlackgateCollector(component))
+    text = prometheus_client.generate_latest(registry).decode()
+    samples = [sample for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == 'blackgate_pool_concurrency_limit']
+    assert [(sample.labels, sample.value) for sample in samples] == [({'group': 'limited'}, 3.0)]
