@@ -71,6 +71,7 @@ class ConcurrencyLimit:
         self._rtt_sum = 0.0
         self._inflight = 0
         self._dropped = False
+        self._admitted = -math.inf
         self._at_floor = 0
         #: samples of work admitted before this time are ignored (a new baseline's epoch)
         self.epoch = -math.inf
@@ -94,19 +95,20 @@ class ConcurrencyLimit:
         self._rtt_sum += rtt
         if inflight > self._inflight:
             self._inflight = inflight
+        if start > self._admitted:
+            self._admitted = start
         self._dropped = self._dropped or dropped
         settings = self.settings
         if now - self._window_start < settings.window:
             return self.limit
         count, average = self._count, self._rtt_sum / self._count
-        inflight, dropped = self._inflight, self._dropped
-        self._window_start = None
-        self._count, self._rtt_sum, self._inflight, self._dropped = 0, 0.0, 0, False
+        inflight, dropped, admitted = self._inflight, self._dropped, self._admitted
+        self._clear_window()
         if count < settings.window_size and not dropped:
             # Too few samples to speak for the dependency (health checks, a trickle):
             # discarded, as Netflix's WindowedLimit does. A drop always counts.
             return self.limit
-        estimate = self._update(now, max(average, 1e-9), inflight, dropped)
+        estimate = self._update(now, max(average, 1e-9), inflight, dropped, admitted)
         self.updates += 1
         self._estimate = min(float(self.max), max(float(self.min), estimate))
         self.limit = max(self.min, int(self._estimate))
@@ -125,11 +127,18 @@ class ConcurrencyLimit:
         """Forget the latency baseline; measure it again from work admitted from ``now`` on."""
         self.epoch = now
         self.rebases += 1
-        self._window_start = None
-        self._count, self._rtt_sum, self._inflight, self._dropped = 0, 0.0, 0, False
+        self._clear_window()
         self._rebase()
 
-    def _update(self, now: float, rtt: float, inflight: int, dropped: bool) -> float:
+    def _clear_window(self) -> None:
+        self._window_start = None
+        self._count, self._rtt_sum, self._inflight, self._dropped = 0, 0.0, 0, False
+        self._admitted = -math.inf
+
+    def _update(self, now: float, rtt: float, inflight: int, dropped: bool,
+                admitted: float) -> float:
+        """The new estimate from one window: its mean RTT, most in flight, any drop,
+        and when the last of its samples' work was admitted."""
         raise NotImplementedError
 
     def _rebase(self) -> None:
@@ -162,7 +171,8 @@ class Gradient2Limit(ConcurrencyLimit):
         self.min_rtt: Optional[float] = None
         self._long_count = 0
 
-    def _update(self, now: float, rtt: float, inflight: int, dropped: bool) -> float:
+    def _update(self, now: float, rtt: float, inflight: int, dropped: bool,
+                admitted: float) -> float:
         if self.min_rtt is None or rtt < self.min_rtt:
             self.min_rtt = rtt
         long_rtt = self._average(rtt)
@@ -237,7 +247,8 @@ class VegasLimit(ConcurrencyLimit):
         # Probes of many pools (and processes) started together must not stay in step.
         self._probe_jitter = 0.5 + 0.5 * self._random()
 
-    def _update(self, now: float, rtt: float, inflight: int, dropped: bool) -> float:
+    def _update(self, now: float, rtt: float, inflight: int, dropped: bool,
+                admitted: float) -> float:
         estimate = self._estimate
         self._probe_count += 1
         if self._probe_jitter * self.probe_multiplier * estimate <= self._probe_count:
@@ -275,7 +286,13 @@ class VegasLimit(ConcurrencyLimit):
 
 
 class AIMDLimit(ConcurrencyLimit):
-    """Additive increase while busy and nothing drops, multiplicative decrease on a drop."""
+    """Additive increase while busy and nothing drops, multiplicative decrease on a drop.
+
+    One decrease per round: the drops of work admitted before the last decrease
+    tell of the limit before it, already cut (as TCP cuts its window once per
+    round trip); without this, the timeouts of one burst would each cut it again,
+    down to the floor.
+    """
 
     algorithm = 'aimd'
 
@@ -283,10 +300,15 @@ class AIMDLimit(ConcurrencyLimit):
                  random: Callable[[], float] = random.random) -> None:
         super().__init__(settings, random)
         self.backoff_ratio = settings.option('backoff_ratio')
+        self._decreased_at = -math.inf
 
-    def _update(self, now: float, rtt: float, inflight: int, dropped: bool) -> float:
+    def _update(self, now: float, rtt: float, inflight: int, dropped: bool,
+                admitted: float) -> float:
         limit = self.limit
         if dropped:
+            if admitted < self._decreased_at:
+                return self._estimate   # of a round already answered for
+            self._decreased_at = now
             return float(max(1, min(limit - 1, int(limit * self.backoff_ratio))))
         if inflight * 2 >= limit:
             return float(limit + 1)

@@ -83,11 +83,26 @@ def test_limit_shrinks_on_drops_down_to_min_and_no_lower(clock, algorithm):
 
 
 def test_aimd_backs_off_by_its_ratio_and_adds_one(clock):
-    limit = limit_of('aimd', initial=20, max=40)
+    limit = limit_of('aimd', initial=20, max=40, window=0, window_size=1)   # every sample
     now = clock.monotonic()
     assert limit.sample(now, now - BASE, BASE, 20, dropped=True) == 18   # int(20 * 0.9)
     assert limit.sample(now, now - BASE, BASE, 18) == 19
     assert limit.sample(now, now - BASE, BASE, 2) == 19                  # app-limited
+
+
+def test_aimd_cuts_once_for_the_timeouts_of_one_burst(clock):
+    # Twenty calls admitted together all time out: one cut, not twenty (down to the floor).
+    limit = limit_of('aimd', initial=20, max=40, window=0, window_size=1)
+    admitted = clock.monotonic()
+    clock.advance(1.0)
+    for _ in range(20):
+        limit.sample(clock.monotonic(), admitted, 1.0, 20, dropped=True)
+    assert limit.limit == 18
+    clock.advance(0.5)
+    later = clock.monotonic()
+    clock.advance(1.0)
+    limit.sample(clock.monotonic(), later, 1.0, 18, dropped=True)   # admitted after the cut
+    assert limit.limit == 16
 
 
 def test_gradient2_defaults_are_the_published_ones():
@@ -250,8 +265,8 @@ def test_the_pool_rejects_beyond_the_limit(clock, gates):
 
 
 def test_the_limit_learns_from_executions_and_timeouts_are_drops(clock):
-    pool = install_limited(algorithm='aimd', initial=4, max=8)
-    for _ in range(3):   # busy enough (inflight * 2 >= limit) only when... one at a time:
+    pool = install_limited(algorithm='aimd', initial=4, max=8, window=0, window_size=1)
+    for _ in range(3):   # one at a time
         assert Limited(takes=0.01).execute() == 'fresh'
     assert pool.limit == 4   # one in flight of 4: app-limited, no growth
     slow = Limited(takes=0.6)   # longer than its timeout: a drop
