@@ -115,7 +115,7 @@ def _naive(call: Callable[[], Any], retries: int = 3, backoff: float = 0.01
 
 
 def retries(duration: float) -> List[Dict[str, Any]]:
-    supported = hasattr(Event, 'RETRY')
+    supported = hasattr(Command, 'retry_attempts')
     cases = [('no retry', 'none'), ('naive retry (3, no budget)', 'naive'),
              ('budgeted retry (3, 20 % + 10/s)', 'budget')]
     rows = []
@@ -165,7 +165,7 @@ def overhead(calls: int, rounds: int) -> List[Dict[str, Any]]:
         'both off': _command('off', 'plain', lambda: 1, timeout=1.0),
         'adaptive limit on': _command('limit_on', 'limited', lambda: 1, timeout=1.0),
     }
-    if hasattr(Event, 'RETRY'):
+    if hasattr(Command, 'retry_attempts'):
         cases['retries on (none needed)'] = _command('retry_on', 'plain', lambda: 1,
                                                      timeout=1.0, retry_attempts=2)
     for cls in cases.values():   # warm up

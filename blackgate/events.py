@@ -22,6 +22,10 @@ class Event(str, enum.Enum):
     FALLBACK_FAILURE = 'FALLBACK_FAILURE'
     FALLBACK_REJECTION = 'FALLBACK_REJECTION'
     FALLBACK_MISSING = 'FALLBACK_MISSING'
+    #: a failed attempt is tried again (one per extra attempt; see ``retry_attempts``)
+    RETRY = 'RETRY'
+    #: a retry was wanted, and the command key's retry budget refused it
+    RETRY_BUDGET_EXHAUSTED = 'RETRY_BUDGET_EXHAUSTED'
 
     def __str__(self) -> str:
         return self.value

@@ -33,6 +33,8 @@ a Tornado handler: see ``examples/prometheus_metrics.py`` and
 ``blackgate_circuit_breaker_open``                         gauge      1 while short-circuiting
 ``blackgate_circuit_breaker_state{state}``                 gauge      1 for the current state
 ``blackgate_circuit_breaker_transitions_total{from,to}``   counter    the breaker's moves
+``blackgate_command_retries_total{kind}``                  counter    retries, and those the
+                                                                      budget refused
 ``blackgate_pool_*``                                       (several)  the executor pools
 =========================================================  =========  ============================
 
@@ -204,6 +206,11 @@ class BlackgateCollector:
                     totals[kind] = totals.get(kind, 0) + cumulative.counts[event]
                 for kind, count in totals.items():
                     families[family].add_metric(labels + [kind], count)
+            retried = cumulative.counts[Event.RETRY]
+            refused = cumulative.counts[Event.RETRY_BUDGET_EXHAUSTED]
+            if retried or refused or registry.retry_budget(command_key) is not None:
+                families['retries'].add_metric(labels + ['retry'], retried)
+                families['retries'].add_metric(labels + ['budget_exhausted'], refused)
             for family, histogram in (('latency', cumulative.latency),
                                       ('total_latency', cumulative.total_latency)):
                 families[family].add_metric(labels, _buckets(histogram), histogram.seconds)
@@ -247,6 +254,11 @@ class BlackgateCollector:
                 'blackgate_command_fallback_calls',
                 'What the fallbacks of failed calls did (kind), since the command key was '
                 'first used.', labels=command + ['kind']),
+            'retries': CounterMetricFamily(
+                'blackgate_command_retries',
+                'Failed attempts tried again (kind=retry), and retries the retry budget '
+                'refused (kind=budget_exhausted), since the command key was first used; '
+                'only for commands that retry.', labels=command + ['kind']),
             'latency': HistogramMetricFamily(
                 'blackgate_command_latency_seconds', 'Execution time of run().',
                 labels=command, unit='seconds'),

@@ -190,6 +190,12 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
         # Blackgate's own: Hystrix's boolean cannot tell HALF_OPEN (one trial out) from OPEN.
         'circuitBreakerState': state.value,
     })
+    retried = counts[Event.RETRY]
+    refused = counts[Event.RETRY_BUDGET_EXHAUSTED]
+    if settings.retry_attempts or retried or refused:   # Blackgate's own: retries (§10)
+        sample['rollingCountRetry'] = retried
+        sample['rollingCountRetryBudgetExhausted'] = refused
+        sample['propertyValue_retryAttempts'] = settings.retry_attempts
     return sample
 
 
