@@ -99,6 +99,9 @@ class CommandSettings:
     retry_on_timeout: bool = False
     retry_budget_percent: float = DEFAULT_RETRY_BUDGET_PERCENT
     retry_budget_min_per_second: float = DEFAULT_RETRY_BUDGET_MIN_PER_SECOND
+    #: an adaptive limit on the ``async def run()`` semaphore (``max_concurrent_requests``
+    #: is then its ceiling); a dict when set, resolved into LimitSettings
+    concurrency_limit: Optional[Any] = None
 
     def replace(self, **changes: Any) -> 'CommandSettings':
         """A validated copy with ``changes`` applied."""
@@ -156,7 +159,7 @@ COMMAND_DEFAULTS: Dict[str, Any] = {
 SHARED_PER_KEY = tuple(
     name for name in COMMAND_DEFAULTS
     if name.startswith(('circuit_breaker_', 'metrics_', 'retry_budget_'))
-    or name.endswith('max_concurrent_requests')
+    or name.endswith('max_concurrent_requests') or name == 'concurrency_limit'
 )
 
 #: The retry settings, checked as soon as a class defining them is (see check_class_attributes).
@@ -245,6 +248,8 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     'retry_on_timeout': _boolean(),
     'retry_budget_percent': _number(0, 100),
     'retry_budget_min_per_second': _number(0, 1_000_000),
+    'concurrency_limit': _rule(lambda v: v is None or isinstance(v, (Mapping, LimitSettings)),
+                               "None or a dict such as {'algorithm': 'gradient2'}"),
 }
 
 _COMMAND_KEYS = ('command_key',) + tuple(COMMAND_DEFAULTS)
@@ -468,6 +473,12 @@ def resolve_command_settings(command_key: str, class_values: Mapping[str, Any],
     values.update(class_values)
     values.update((k, v) for k, v in overrides.items() if k != 'command_key')
     values['retry_on'] = _retry_classes(values['retry_on'])   # one class -> a tuple of it
+    limit = values['concurrency_limit']
+    if limit is not None and not isinstance(limit, LimitSettings):
+        # the async def run() semaphore's: max_concurrent_requests is its ceiling
+        values['concurrency_limit'] = check_limit_mapping(
+            owner + ' (max_concurrent_requests=%d)' % (values['max_concurrent_requests'],),
+            limit, values['max_concurrent_requests'])
     window, buckets = values['metrics_rolling_window'], values['metrics_rolling_buckets']
     if window / buckets < MIN_BUCKET_SECONDS:
         raise ConfigError('%s: metrics_rolling_window=%r split into metrics_rolling_buckets=%r '

@@ -19,11 +19,11 @@ import itertools
 import threading
 from typing import Any, Callable, List, Optional
 
-from .config import PoolSettings
+from .config import LimitSettings, PoolSettings
 from .limits import ConcurrencyLimit, new_limit
 from .workers import Workers
 
-__all__ = ('ExecutorPool', 'Permits')
+__all__ = ('ExecutorPool', 'Permits', 'LimitedPermits')
 
 
 class Permits:
@@ -70,8 +70,52 @@ class Permits:
         """Permits taken now."""
         return min(len(self._held), self.limit)
 
+    def try_take(self) -> Optional[Callable[[], None]]:
+        """:meth:`try_acquire`, as the ``release`` to call once the work ends, or None."""
+        return self.release if self.try_acquire() else None
+
     def __repr__(self) -> str:
         return '<Permits %d/%d>' % (len(self._held), self.limit)
+
+
+class LimitedPermits(Permits):
+    """Permits whose limit is learned: an ``async def run()``'s semaphore with a ``concurrency_limit``.
+
+    :meth:`try_take` times each permit from when it is taken to when it is given
+    back, and feeds the limit with it, as :class:`ExecutorPool` does for a pool.
+    """
+
+    __slots__ = ('limiter', 'clock', 'drop_after', '_limit_lock')
+
+    def __init__(self, settings: LimitSettings, clock: Any,
+                 drop_after: Optional[float] = None) -> None:
+        self.limiter = new_limit(settings)
+        super().__init__(self.limiter.limit)
+        self.clock = clock
+        #: a permit held this long (seconds: the command's timeout) counts as dropped
+        self.drop_after = float('inf') if drop_after is None else drop_after
+        self._limit_lock = threading.Lock()
+
+    def try_take(self) -> Optional[Callable[[], None]]:
+        if not self.try_acquire():
+            return None
+        clock = self.clock
+        start = clock.monotonic()
+        inflight = len(self._held)
+        held = self._held
+
+        def release() -> None:
+            held.pop()
+            now = clock.monotonic()
+            rtt = now - start
+            with self._limit_lock:
+                self.limit = self.limiter.sample(now, start, rtt, inflight,
+                                                 rtt >= self.drop_after)
+
+        return release
+
+    def __repr__(self) -> str:
+        return '<LimitedPermits %d/%d, learned>' % (len(self._held), self.limit)
 
 
 class ExecutorPool:

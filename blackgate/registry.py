@@ -29,7 +29,7 @@ from .config import (CommandSettings, PoolSettings, SHARED_PER_KEY, check_comman
 from .errors import BlackgateError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event
 from .metrics import RollingMetrics
-from .pools import ExecutorPool, Permits
+from .pools import ExecutorPool, LimitedPermits, Permits
 from .retry import RetryBudget
 
 __all__ = ('Component', 'component', 'KeyState')
@@ -54,9 +54,9 @@ class KeyState:
         self.owner = owner
         self.metrics = _new_metrics(settings, clock)
         self.breaker = CircuitBreaker(settings, self.metrics, clock, notify)
-        self.run_permits = Permits(settings.max_concurrent_requests)
-        self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
         self._clock = clock
+        self.run_permits = self._new_run_permits(settings)
+        self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
         #: the key's retry budget (blackgate.retry), or None while it makes no retries
         self.retry_budget: Optional[RetryBudget] = None
         self._apply_budget(settings)
@@ -70,6 +70,12 @@ class KeyState:
             self.retry_budget = RetryBudget(settings.retry_budget_percent,
                                             settings.retry_budget_min_per_second, self._clock)
 
+    def _new_run_permits(self, settings: CommandSettings) -> Permits:
+        if settings.concurrency_limit is None:
+            return Permits(settings.max_concurrent_requests)
+        return LimitedPermits(settings.concurrency_limit, self._clock,
+                              settings.timeout if settings.timeout_enabled else None)
+
     def set_clock(self, clock) -> None:
         """Time the key's metrics, breaker and budget by ``clock`` from now on."""
         self._clock = clock
@@ -77,6 +83,8 @@ class KeyState:
         self.breaker.clock = clock
         if self.retry_budget is not None:
             self.retry_budget.clock = clock
+        if isinstance(self.run_permits, LimitedPermits):
+            self.run_permits.clock = clock
 
     def apply(self, settings: CommandSettings) -> None:
         """Take new settings, in place: the counts restart only if the window's shape changed."""
@@ -85,7 +93,16 @@ class KeyState:
                                settings.metrics_health_snapshot_interval,
                                settings.circuit_breaker_count_rejections)
         self.breaker.settings = settings
-        self.run_permits.limit = settings.max_concurrent_requests
+        limited = isinstance(self.run_permits, LimitedPermits)
+        if limited or settings.concurrency_limit is not None:
+            if not limited or self.run_permits.limiter.settings != settings.concurrency_limit:
+                # a new learned limit (those holding the old permits give them back there)
+                self.run_permits = self._new_run_permits(settings)
+            else:
+                self.run_permits.drop_after = (settings.timeout if settings.timeout_enabled
+                                               else float('inf'))
+        else:
+            self.run_permits.limit = settings.max_concurrent_requests
         self.fallback_permits.limit = settings.fallback_max_concurrent_requests
         self._apply_budget(settings)
 
