@@ -93,14 +93,16 @@ class KeyState:
                                settings.metrics_health_snapshot_interval,
                                settings.circuit_breaker_count_rejections)
         self.breaker.settings = settings
-        limited = isinstance(self.run_permits, LimitedPermits)
+        permits = self.run_permits
+        limited = isinstance(permits, LimitedPermits)
         if limited or settings.concurrency_limit is not None:
-            if not limited or self.run_permits.limiter.settings != settings.concurrency_limit:
+            if not isinstance(permits, LimitedPermits) \
+                    or permits.limiter.settings != settings.concurrency_limit:
                 # a new learned limit (those holding the old permits give them back there)
                 self.run_permits = self._new_run_permits(settings)
             else:
-                self.run_permits.drop_after = (settings.timeout if settings.timeout_enabled
-                                               else float('inf'))
+                permits.drop_after = (settings.timeout if settings.timeout_enabled
+                                      else float('inf'))
         else:
             self.run_permits.limit = settings.max_concurrent_requests
         self.fallback_permits.limit = settings.fallback_max_concurrent_requests
