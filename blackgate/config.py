@@ -419,8 +419,13 @@ def check_pool_mapping(owner: str, value: Any) -> PoolSettings:
 
 
 def check_limit_mapping(owner: str, value: Any, max_workers: int,
-                        max_queue_size: int = 0) -> LimitSettings:
-    """Validate an executor pool's ``concurrency_limit`` and return its settings."""
+                        max_queue_size: int = 0,
+                        ceiling: str = "the pool's max_workers") -> LimitSettings:
+    """Validate a ``concurrency_limit`` and return its settings.
+
+    ``max_workers`` is the most it may admit (a command's: ``max_concurrent_requests``,
+    named by ``ceiling`` in the error).
+    """
     example = "{'algorithm': 'gradient2', 'initial': 10, 'min': 1, 'max': %d}" % (max_workers,)
     owner = '%s: concurrency_limit' % (owner,)
     _require_mapping(owner, value, example)
@@ -446,9 +451,10 @@ def check_limit_mapping(owner: str, value: Any, max_workers: int,
             % (owner, max_queue_size))
     high = value.get('max', max_workers)
     if high > max_workers:
-        raise ConfigError('%s: max=%r is more than the pool\'s max_workers=%r; the limit '
-                          'never admits more than there are workers: raise max_workers or '
-                          'lower max' % (owner, high, max_workers))
+        name = ceiling.split()[-1]
+        raise ConfigError('%s: max=%r is more than %s=%r; the limit never admits more than '
+                          'that: raise %s or lower max' % (owner, high, ceiling, max_workers,
+                                                            name))
     low = value.get('min', min(DEFAULT_LIMIT_MIN, high))
     initial = value.get('initial', max(low, min(DEFAULT_LIMIT_INITIAL, high)))
     if not low <= initial <= high:
@@ -477,8 +483,8 @@ def resolve_command_settings(command_key: str, class_values: Mapping[str, Any],
     if limit is not None and not isinstance(limit, LimitSettings):
         # the async def run() semaphore's: max_concurrent_requests is its ceiling
         values['concurrency_limit'] = check_limit_mapping(
-            owner + ' (max_concurrent_requests=%d)' % (values['max_concurrent_requests'],),
-            limit, values['max_concurrent_requests'])
+            owner, limit, values['max_concurrent_requests'],
+            ceiling='max_concurrent_requests')
     window, buckets = values['metrics_rolling_window'], values['metrics_rolling_buckets']
     if window / buckets < MIN_BUCKET_SECONDS:
         raise ConfigError('%s: metrics_rolling_window=%r split into metrics_rolling_buckets=%r '

@@ -366,3 +366,27 @@ def test_prometheus_has_a_limit_gauge_for_a_limited_pool_only(clock):
     samples = [sample for family in text_string_to_metric_families(text)
                for sample in family.samples if sample.name == 'blackgate_pool_concurrency_limit']
     assert [(sample.labels, sample.value) for sample in samples] == [({'group': 'limited'}, 3.0)]
+
+
+# -- the async def run() semaphore with a learned limit -------------------------------------
+
+def test_learned_permits_time_each_permit_and_shrink_on_drops(clock):
+    from blackgate.config import check_limit_mapping
+    from blackgate.pools import LimitedPermits
+    permits = LimitedPermits(check_limit_mapping('test', {'algorithm': 'aimd', 'initial': 4,
+                                                          'window': 0, 'window_size': 1}, 10),
+                             clock, drop_after=0.5)
+    releases = [permits.try_take() for _ in range(4)]
+    assert all(releases) and permits.try_take() is None   # the limit, 4
+    clock.advance(0.6)   # all four held past the timeout: one cut for the round
+    for release in releases:
+        release()
+    assert permits.limit == 3 and permits.in_use == 0
+
+
+def test_a_command_limit_is_checked_against_max_concurrent_requests():
+    component.add('command', {'command_key': 'streams', 'max_concurrent_requests': 8,
+                              'concurrency_limit': {'algorithm': 'vegas', 'max': 20}})
+    with pytest.raises(ConfigError, match=r"command 'streams': concurrency_limit: max=20 is more than "
+                       r"max_concurrent_requests=8"):
+        component.install()
