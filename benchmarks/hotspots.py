@@ -93,12 +93,16 @@ def steps(case: str) -> None:
     ns = dict(C=C, cls=cls, rt=rt, cmd=cls(), Event=Event, ALLOW=ALLOW, DENY=DENY,
               SC=(Event.SHORT_CIRCUITED, Event.FALLBACK_SUCCESS), asyncio=asyncio)
     ns['cause'] = C._cause(rt, Event.SHORT_CIRCUITED)
+    ns['ex'] = C._begin(rt, 0.0)
+    ns['new_ex'] = lambda: C._begin(rt, 0.0)
     print('%s: steps of the pipeline, each alone (best of 7, per call)' % (case,))
     _step('cls()  (instance, as the baseline also makes)', 'cls()', ns)
     _step('cls().fallback()  (the baseline of the forced-open cases)', 'cls().fallback()', ns)
     _step('asyncio._get_running_loop()', 'C._get_running_loop()', ns)
     _step('_runtime(cls)', 'C._runtime(cls)', ns)
-    _step('cls()._bg_claim()  (includes cls())', 'cls()._bg_claim()', ns)
+    _step('_Execution(rt, start)  (the per-execution state)', 'C._begin(rt, 0.0)', ns)
+    _step('cls()._Command__claim(...)  (includes cls())',
+          'cls()._Command__claim(C._begin(rt, 0.0))', ns)
     _step('clock.monotonic()', 'rt.clock.monotonic()', ns)
     _step('breaker.allow_request()', 'rt.breaker.allow_request()', ns)
     if case in ('open_execute', 'open_queue'):
@@ -109,19 +113,19 @@ def steps(case: str) -> None:
         _step('metrics.record((SHORT_CIRCUITED, FALLBACK_SUCCESS), None, t)',
               'rt.metrics.record(SC, None, 1e-6)', ns)
         _step('_log_failure()  (level disabled)', 'C._log_failure(rt, SC, cause, None)', ns)
-        _step('_bg_finish(DENY, ...)  (includes record and _log_failure)',
-              'cmd._bg_finish(rt, DENY, SC, 0.0, None, cause, None)', ns)
+        _step('_Execution.record(...)  (the record step: includes _log_failure)',
+              'ex.record(SC, None, cause, None)', ns)
     if case == 'open_execute':
-        _step('cls()._bg_fail_sync(...)  (all of the above after allow_request)',
-              'cls()._bg_fail_sync(rt, DENY, Event.SHORT_CIRCUITED, 0.0, None)', ns)
+        _step('_Execution.fall_back(...)  (all of the above after allow_request)',
+              'new_ex().fall_back(cls(), Event.SHORT_CIRCUITED, None, None)', ns)
         _step('cls().execute()  (the whole call)', 'cls().execute()', ns)
     if case == 'execute':
         _step('metrics.record((SUCCESS,), elapsed, total)',
               'rt.metrics.record(C._SUCCESS_ONLY, 1e-6, 2e-6)', ns)
-        _step('_bg_finish(ALLOW, (SUCCESS,), ...)',
-              'cmd._bg_finish(rt, ALLOW, C._SUCCESS_ONLY, 0.0, 1e-6, None)', ns)
-        _step('cmd._bg_work(rt)  (on the worker: metrics, 2 clock reads, run())',
-              'cmd._bg_work(rt)', ns)
+        _step('_Execution.record((SUCCESS,), ...)  (the record step)',
+              'ex.record(C._SUCCESS_ONLY, 1e-6, None)', ns)
+        _step('_Execution.work(...)  (on the worker: metrics, 2 clock reads, run())',
+              'ex.work(lambda: None, cmd)', ns)
     if case == 'async_run':
         _async_steps(ns)
     component.reset()

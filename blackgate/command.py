@@ -1,10 +1,11 @@
-"""Command: one pipeline, two drivers.
+"""Command: one decision core, two drivers.
 
-Every execution goes through the same steps (DESIGN.md §5): the breaker gate,
-admission to a bulkhead, ``run()``, the outcome, the fallback, and the
-bookkeeping (metrics, breaker, listeners, one log record). ``execute()``
-carries them out on the calling thread and blocks; ``queue()`` carries them
-out on the IOLoop and returns a future at once.
+Every execution goes through the same steps (docs/guide.rst, "The pipeline"):
+the breaker gate, admission to a bulkhead, ``run()``, the outcome, the
+fallback, and the bookkeeping (metrics, breaker, listeners, one log record).
+One object per execution, ``_Execution``, holds its state and makes
+every decision; ``execute()`` carries them out on the calling thread and
+blocks, ``queue()`` on the IOLoop and returns a future at once.
 
 .. warning::
 
@@ -19,6 +20,7 @@ import asyncio
 import inspect
 import logging
 import sys
+import threading
 import types
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -54,6 +56,9 @@ FALLBACK_REJECTION = Event.FALLBACK_REJECTION
 _SUCCESS_ONLY = (SUCCESS,)
 _BAD_REQUEST_ONLY = (BAD_REQUEST,)
 _FAILED_LATE = (FAILURE,)   # after the caller had its answer: no fallback can run
+# what a fallback (or an async def run()) raising goes on up, after it was recorded and answered
+_ESCAPING = (KeyboardInterrupt, SystemExit)
+_CAUSE_LOCK = threading.Lock()   # a cause built on first read: one object for every reader
 _QUIET_PRIMARY = frozenset((SHORT_CIRCUITED, THREAD_POOL_REJECTED,
                             SEMAPHORE_REJECTED))
 # the events whose cause is built from the runtime when first read (a rejection's is
@@ -68,7 +73,7 @@ _PRIMARY = {event: (event,) for event in Event}
 class _Runtime:
     """What the pipeline needs of a command class, resolved once per ``install()``."""
 
-    __slots__ = ('command_key', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
+    __slots__ = ('command_key', 'name', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
                  'group_admission', 'component', 'store')
 
@@ -80,6 +85,7 @@ class _Runtime:
         settings, state, pool = registry.resolve(cls, command_key, _class_values(cls),
                                                  needs_pool=group_admission or not run_is_async)
         self.command_key = command_key
+        self.name = cls.__name__
         self.settings: CommandSettings = settings
         self.state = state
         self.breaker = state.breaker
@@ -119,620 +125,6 @@ def _runtime(cls: type) -> _Runtime:
                 runtime = component._runtimes[cls] = _Runtime(cls, component)
     return runtime
 
-
-class Command:
-    """Wrap a call to a dependency: subclass it, write ``run()`` and ``fallback()``.
-
-    Settings are class attributes (see the configuration reference); an
-    instance runs once, through ``execute()`` or ``queue()``. The subclass's
-    ``__init__`` need not call ``super().__init__()``.
-    """
-
-    group_key: str = 'default'
-    #: defaults to the class's ``__name__``
-    command_key: str = 'Command'
-    timeout: float = COMMAND_DEFAULTS['timeout']
-    timeout_enabled: bool = True
-    fallback_enabled: bool = True
-    circuit_breaker_enabled: bool = True
-    circuit_breaker_request_volume_threshold: int = \
-        COMMAND_DEFAULTS['circuit_breaker_request_volume_threshold']
-    circuit_breaker_error_threshold_percentage: float = \
-        COMMAND_DEFAULTS['circuit_breaker_error_threshold_percentage']
-    circuit_breaker_sleep_window: float = COMMAND_DEFAULTS['circuit_breaker_sleep_window']
-    circuit_breaker_force_open: bool = False
-    circuit_breaker_force_closed: bool = False
-    #: Whether THREAD_POOL_REJECTED and SEMAPHORE_REJECTED count as errors for the
-    #: breaker (Hystrix: yes). False: they are still counted in the metrics and still
-    #: fall back, but move neither the error percentage nor the request volume.
-    circuit_breaker_count_rejections: bool = True
-    metrics_rolling_window: float = COMMAND_DEFAULTS['metrics_rolling_window']
-    metrics_rolling_buckets: int = COMMAND_DEFAULTS['metrics_rolling_buckets']
-    metrics_health_snapshot_interval: float = \
-        COMMAND_DEFAULTS['metrics_health_snapshot_interval']
-    max_concurrent_requests: int = COMMAND_DEFAULTS['max_concurrent_requests']
-    fallback_max_concurrent_requests: int = COMMAND_DEFAULTS['fallback_max_concurrent_requests']
-    #: An ``async def run()`` normally takes a permit of its command's own semaphore
-    #: (``max_concurrent_requests``). True: it takes a slot of its group's executor pool
-    #: instead, and no thread, so that ``max_workers + max_queue_size`` bound every such
-    #: execution of the group together; a full group is ``THREAD_POOL_REJECTED``.
-    #: :class:`~blackgate.HTTPProxyCommand` sets it: one slot per upstream exchange.
-    group_admission: bool = False
-
-    # Per-execution state. Class-level defaults, so that a subclass __init__ that never
-    # calls super().__init__() still leaves a usable instance.
-    _bg_events: Tuple[Event, ...] = ()
-    _bg_exception: Optional[BaseException] = None
-    _bg_execution_time: Optional[float] = None
-    _bg_decided = False
-    # set by queue() and by the record step; None only before an execute() records
-    _bg_rt: _Runtime = None  # type: ignore[assignment]
-
-    _bg_explicit_key = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        check_class_attributes('command class %s' % (cls.__qualname__,), vars(cls))
-        if 'command_key' in vars(cls):
-            cls._bg_explicit_key = True
-        elif not cls._bg_explicit_key:
-            cls.command_key = cls.__name__
-
-    # -- what subclasses write -------------------------------------------------------
-
-    def run(self) -> Any:
-        """Call the dependency; runs on a worker thread (or on the IOLoop if ``async def``)."""
-        raise NotImplementedError('%s must define run()' % (type(self).__name__,))
-
-    def fallback(self) -> Any:
-        """The answer when ``run()`` fails, times out, is rejected or short-circuited."""
-        raise NotImplementedError  # never called: a command without one has FALLBACK_MISSING
-
-    # -- the drivers -----------------------------------------------------------------
-
-    def execute(self) -> Any:
-        """Run the command on its pool and block until its result (or fallback) is known.
-
-        Raises :class:`CommandError` when it fails with no usable fallback, and
-        :class:`BadRequest` as ``run()`` raised it.
-        """
-        if _get_running_loop() is not None:
-            raise BlackgateError(
-                '%s.execute() was called on the thread of a running IOLoop and would block it; '
-                'use `await %s(...).queue()` (or `yield` it in a gen.coroutine) instead'
-                % (type(self).__name__, type(self).__name__))
-        rt = _runtime(type(self))
-        if rt.needs_loop:
-            raise BlackgateError(
-                '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
-                % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
-        tracer = rt.component.tracer
-        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
-            return tracer.execute(self)
-        self._bg_claim()
-        clock = rt.clock
-        start = clock.monotonic()
-        token = rt.breaker.allow_request()
-        if token == DENY:
-            return self._bg_fail_sync(rt, token, SHORT_CIRCUITED, start, None)
-        future = rt.pool.try_submit(self._bg_work, rt)
-        if future is None:
-            return self._bg_fail_sync(rt, token, THREAD_POOL_REJECTED, start, None,
-                                      _cause(rt, THREAD_POOL_REJECTED))
-        try:
-            if rt.timeout is None:
-                value, error, elapsed, finished = future.result()
-            else:
-                deadline = start + rt.timeout
-                value, error, elapsed, finished = clock.wait_until(future, deadline)
-                if finished >= deadline:   # answered, but not within the timeout
-                    raise _WaitTimeout()
-        except _WaitTimeout:
-            self._bg_decided = True   # a run() still waiting in the queue is skipped
-            return self._bg_fail_sync(rt, token, TIMEOUT, start,
-                                      clock.monotonic() - start)
-        if error is None:
-            self._bg_finish(rt, token, _SUCCESS_ONLY, start, elapsed, None)
-            return value
-        if isinstance(error, BadRequest):
-            self._bg_finish(rt, token, _BAD_REQUEST_ONLY, start, elapsed, error)
-            raise error
-        return self._bg_fail_sync(rt, token, FAILURE, start, elapsed, error)
-
-    def queue(self) -> 'asyncio.Future[Any]':
-        """Start the command and return a future of its result; never blocks the IOLoop.
-
-        ``await`` it in a coroutine, or ``yield`` it in a ``gen.coroutine``.
-        The future fails with :class:`CommandError` or :class:`BadRequest` as
-        ``execute()`` would raise them.
-        """
-        loop = _get_running_loop()
-        if loop is None:
-            raise BlackgateError(
-                '%s.queue() needs a running IOLoop on this thread; from a plain thread use '
-                '%s(...).execute()' % (type(self).__name__, type(self).__name__))
-        tracer = component.tracer
-        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
-            return tracer.queue(self)
-        self._bg_claim()
-        self._bg_rt = rt = _runtime(type(self))
-        self._bg_loop = loop
-        self._bg_future = future = loop.create_future()
-        self._bg_start = rt.clock.monotonic()
-        self._bg_token = token = rt.breaker.allow_request()
-        if token == DENY:
-            self._bg_fail_async(rt, SHORT_CIRCUITED, None)
-        elif rt.run_is_async:
-            self._bg_start_coroutine(rt, loop)
-        elif rt.pool.try_submit(self._bg_work, rt, self._bg_hand_over) is None:
-            self._bg_fail_async(rt, THREAD_POOL_REJECTED, None,
-                                _cause(rt, THREAD_POOL_REJECTED))
-        elif rt.timeout is not None:
-            remaining = self._bg_start + rt.timeout - rt.clock.monotonic()
-            self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
-        return future
-
-    # -- the pipeline's steps --------------------------------------------------------
-
-    def _bg_timeout(self) -> Optional[float]:
-        """The timeout this command's class runs under, as resolved; None if disabled."""
-        return _runtime(type(self)).timeout
-
-    def _bg_claim(self) -> None:
-        # dict.setdefault is atomic: of two threads racing on one instance, one wins.
-        marker: list = []
-        if self.__dict__.setdefault('_bg_used', marker) is not marker:
-            raise BlackgateError('this %s instance has already run; a command instance runs '
-                                 'once: create a new one for each call' % (type(self).__name__,))
-
-    def _bg_work(self, release: Callable[[], Any], rt: _Runtime,
-                 hand_over: Optional[Callable[[Any], None]] = None
-                 ) -> Tuple[Any, Optional[BaseException], float, float]:
-        """On a worker thread: run(), and how long it took and when it finished.
-
-        Frees the pool slot (``release``) before ``hand_over`` wakes the IOLoop, so that
-        whoever the result wakes finds the pool free again.
-        """
-        if self._bg_decided:
-            # Timed out while waiting in the pool's queue: the caller has its answer, and
-            # nobody wants this call made any more (Hystrix skips it too).
-            release()
-            return None, None, 0.0, 0.0
-        metrics = rt.metrics
-        monotonic = rt.clock.monotonic
-        metrics.execution_started()
-        started = monotonic()
-        try:
-            value, error = self.run(), None
-        except BaseException as exc:  # handed to the caller, never lost in the pool
-            value, error = None, exc
-        finished = monotonic()
-        metrics.execution_finished()
-        release()
-        outcome = value, error, finished - started, finished
-        if hand_over is not None:
-            hand_over(outcome)
-        return outcome
-
-    def _bg_hand_over(self, outcome) -> None:
-        """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
-        try:
-            self._bg_loop.call_soon_threadsafe(self._bg_run_returned, outcome)
-        except RuntimeError:
-            # The loop was closed while run() ran: nobody waits for the answer, but the
-            # outcome still counts (and a trial must still close or re-open the breaker).
-            if not self._bg_decided:
-                self._bg_decided = True
-                value, error, elapsed, _ = outcome
-                events = (_SUCCESS_ONLY if error is None else _BAD_REQUEST_ONLY
-                          if isinstance(error, BadRequest) else (FAILURE,))
-                self._bg_finish(self._bg_rt, self._bg_token, events, self._bg_start, elapsed,
-                                error)
-
-    def _bg_run_returned(self, outcome) -> None:
-        """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
-        if self._bg_decided:
-            return
-        value, error, elapsed, finished = outcome
-        rt = self._bg_rt
-        if rt.timeout is not None and finished >= self._bg_start + rt.timeout:
-            self._bg_timed_out()   # answered, but after the deadline: its timer is due
-            return
-        self._bg_decided = True
-        timer = self.__dict__.get('_bg_timer')
-        if timer is not None:
-            timer.cancel()
-        self._bg_settle_async(rt, value, error, elapsed)
-
-    def _bg_settle_async(self, rt: _Runtime, value: Any, error: Optional[BaseException],
-                         elapsed: float) -> None:
-        future = self._bg_future
-        if error is None:
-            self._bg_finish(rt, self._bg_token, _SUCCESS_ONLY, self._bg_start, elapsed, None)
-            if not future.cancelled():
-                future.set_result(value)
-        elif isinstance(error, BadRequest):
-            self._bg_finish(rt, self._bg_token, _BAD_REQUEST_ONLY, self._bg_start, elapsed,
-                            error)
-            if not future.cancelled():
-                future.set_exception(error)
-        else:
-            self._bg_fail_async(rt, FAILURE, elapsed, error)
-
-    def _bg_timed_out(self) -> None:
-        """On the IOLoop: the timer fired before run() answered."""
-        if self._bg_decided:
-            return
-        self._bg_decided = True
-        rt = self._bg_rt
-        timer = self.__dict__.get('_bg_timer')
-        if timer is not None:
-            timer.cancel()
-        task = self.__dict__.get('_bg_task')
-        if task is not None:
-            task.cancel()   # a coroutine, unlike a thread, can be interrupted
-        self._bg_fail_async(rt, TIMEOUT, rt.clock.monotonic() - self._bg_start)
-
-    def _bg_start_coroutine(self, rt: _Runtime, loop) -> None:
-        if rt.group_admission:
-            release = rt.pool.try_admit()
-            if release is None:
-                self._bg_fail_async(rt, THREAD_POOL_REJECTED, None,
-                                    _cause(rt, THREAD_POOL_REJECTED))
-                return
-        else:
-            permits = rt.state.run_permits
-            if not permits.try_acquire():
-                self._bg_fail_async(rt, SEMAPHORE_REJECTED, None)
-                return
-            release = permits.release
-        self._bg_release = release
-        rt.metrics.execution_started()
-        self._bg_run_started = rt.clock.monotonic()
-        try:
-            coroutine = self.run()
-        except BaseException:
-            release()
-            rt.metrics.execution_finished()
-            raise
-        if _EAGER:   # run() starts now, and one that needs no I/O is settled with no loop pass
-            task = asyncio.Task(self._bg_drive(rt, coroutine), loop=loop,  # type: ignore
-                                eager_start=True)
-        else:
-            task = loop.create_task(self._bg_drive(rt, coroutine))
-        if task.done():
-            return
-        self._bg_task = task
-        if rt.timeout is not None and '_bg_timer' not in self.__dict__:
-            # (unless run() already paused or restarted it, in its first step)
-            remaining = rt.timeout - (rt.clock.monotonic() - self._bg_start)
-            self._bg_timer = rt.clock.call_later(loop, remaining, self._bg_timed_out)
-
-    async def _bg_drive(self, rt: _Runtime, coroutine) -> None:
-        """The task of an ``async def run()``: await it, then settle in the same step."""
-        try:
-            value, error = await coroutine, None
-        except BaseException as exc:   # cancelled by our timeout, or anything run() raised
-            value, error = None, exc
-        later = self.__dict__.get('_bg_later')
-        if later is not None:
-            if error is None and not self._bg_decided:
-                self._bg_hand_over_later(rt, later, value)
-                return
-            later._void()   # run() failed or timed out after all: counted as usual
-        self._bg_release()
-        rt.metrics.execution_finished()
-        if not self._bg_decided:
-            self._bg_decided = True
-            timer = self.__dict__.get('_bg_timer')
-            if timer is not None:
-                timer.cancel()
-            self._bg_settle_async(rt, value, error, rt.clock.monotonic() - self._bg_run_started)
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
-            raise error
-
-    def _bg_hand_over_later(self, rt: _Runtime, later: 'DeferredOutcome', value: Any) -> None:
-        """run() returned, but its execution goes on: answer now, count when it ends."""
-        self._bg_decided = True
-        timer = self.__dict__.get('_bg_timer')
-        if timer is not None:
-            timer.cancel()
-        elapsed = rt.clock.monotonic() - self._bg_run_started
-        if self._bg_token == TRIAL:
-            # A trial is judged by what run() returned: the breaker must not stay half-open
-            # for as long as an event stream lasts.
-            self._bg_finish(rt, TRIAL, _SUCCESS_ONLY, self._bg_start, elapsed, None)
-            later._arm(self, elapsed, counted=True)
-        else:
-            later._arm(self, elapsed, counted=False)
-        future = self._bg_future
-        if not future.cancelled():
-            future.set_result(value)
-
-    def _bg_ended_later(self, elapsed: float, error: Optional[BaseException],
-                        counted: bool) -> None:
-        """On the IOLoop: the execution that outlived run() ended; free it and count it."""
-        rt = self._bg_rt
-        self._bg_release()
-        rt.metrics.execution_finished()
-        if counted:
-            return
-        if error is None:
-            self._bg_finish(rt, self._bg_token, _SUCCESS_ONLY, self._bg_start, elapsed, None)
-        else:
-            self._bg_finish(rt, self._bg_token, _FAILED_LATE, self._bg_start, elapsed, error)
-
-    # -- what an async def run() may ask of the pipeline -----------------------------
-
-    def defer_outcome(self) -> 'DeferredOutcome':
-        """From inside an ``async def run()``: the execution goes on after ``run()`` returns.
-
-        The caller gets ``run()``'s result at once, but the permit (or pool slot)
-        stays taken, and the outcome is counted, when the returned
-        :class:`DeferredOutcome` is settled: ``success()`` counts ``SUCCESS``,
-        ``failure(exc)`` a ``FAILURE`` (no fallback runs: the caller already has its
-        answer). Settle it exactly once, on the IOLoop, whatever happens; if ``run()``
-        raises or times out instead, the handle is void and settling it does nothing.
-        :class:`~blackgate.HTTPProxyCommand` uses it for a response body that is
-        still streaming when its head arrived.
-        """
-        self._bg_check_async_run('defer_outcome')
-        later = self.__dict__.get('_bg_later')
-        if later is None:
-            later = self._bg_later = DeferredOutcome()
-        return later
-
-    def refresh_timeout(self) -> None:
-        """From inside an ``async def run()``: start the command's ``timeout`` again from now.
-
-        For work whose progress shows (a request body streaming upstream), so that
-        the timeout bounds a silence rather than the whole transfer.
-        """
-        self._bg_check_async_run('refresh_timeout')
-        self.pause_timeout()
-        rt = self._bg_rt
-        if rt.timeout is not None and not self._bg_decided:
-            self._bg_timer = rt.clock.call_later(self._bg_loop, rt.timeout, self._bg_timed_out)
-
-    def pause_timeout(self) -> None:
-        """From inside an ``async def run()``: stop the timeout until :meth:`refresh_timeout`.
-
-        For waits that are not the dependency's (the client sending the next part
-        of a request body).
-        """
-        self._bg_check_async_run('pause_timeout')
-        timer = self.__dict__.get('_bg_timer')
-        if timer is not None:
-            timer.cancel()
-        self._bg_timer = None
-
-    def _bg_check_async_run(self, name: str) -> None:
-        rt = self.__dict__.get('_bg_rt')
-        if rt is None or not rt.run_is_async or '_bg_run_started' not in self.__dict__:
-            raise BlackgateError('%s.%s() may only be called from inside its own async def '
-                                 'run(), while it runs under queue()' % (type(self).__name__,
-                                                                           name))
-
-    # -- fallback --------------------------------------------------------------------
-    #
-    # The usual outcome (the fallback ran and returned) takes no lock, builds no
-    # exception and makes no log call when INFO is off: a short-circuit must cost
-    # little more than calling fallback() directly. The rest is the slow path.
-
-    def _bg_fallback_denied(self, rt: _Runtime, event: Event, cause: BaseException
-                            ) -> Tuple[Tuple[Event, ...], CommandError]:
-        """No fallback may run (none, or no permit): the events and the error to raise."""
-        if not rt.has_fallback:
-            return (event, FALLBACK_MISSING), CommandError(
-                rt.command_key, FAILURE_TYPE_OF[event], cause, None,
-                'no fallback is available (FALLBACK_MISSING)')
-        return (event, FALLBACK_REJECTION), CommandError(
-            rt.command_key, FailureType.REJECTED_SEMAPHORE_FALLBACK, cause, None,
-            'the fallback was rejected: %d fallbacks already running (FALLBACK_REJECTION)'
-            % (rt.state.fallback_permits.limit,))
-
-    def _bg_fallback_failed(self, rt: _Runtime, event: Event, cause: BaseException,
-                            error: BaseException) -> Tuple[Tuple[Event, ...], CommandError]:
-        failed = CommandError(rt.command_key, FAILURE_TYPE_OF[event], cause, error,
-                              'the fallback failed (FALLBACK_FAILURE: %s: %s)'
-                              % (type(error).__name__, error))
-        failed.__cause__ = error
-        return (event, FALLBACK_FAILURE), failed
-
-    def _bg_before_fallback(self, rt: _Runtime, event: Event,
-                            error: Optional[BaseException]) -> None:
-        # What fallback() may read (Hystrix's getExecutionException()): the primary event,
-        # and the cause (built from the event on first read when `error` is None).
-        self._bg_events = _PRIMARY[event]
-        if error is not None:
-            self._bg_exception = error
-
-    def _bg_fail_sync(self, rt: _Runtime, token: int, event: Event, start: float,
-                      elapsed: Optional[float], error: Optional[BaseException] = None) -> Any:
-        # `error` is what run() raised; None means the cause is built from `event`,
-        # and only when somebody needs it.
-        permits = rt.state.fallback_permits
-        if rt.has_fallback and permits.try_acquire():
-            # what fallback() may read of why it runs (inline: this is the forced-open path)
-            self._bg_events = _PRIMARY[event]
-            if error is not None:
-                self._bg_exception = error
-            try:
-                value = self.fallback()
-                if type(value) is _COROUTINE:   # from a plain def: nothing here can await it
-                    value.close()
-                    raise TypeError(
-                        '%s.fallback() returned a coroutine, which execute() cannot await; make '
-                        'fallback() return its value, or use `await cmd.queue()`'
-                        % (type(self).__name__,))
-            except BaseException as exc:   # counted even if it is KeyboardInterrupt
-                permits.release()
-                cause = _cause(rt, event, error)
-                events, failed = self._bg_fallback_failed(rt, event, cause, exc)
-                self._bg_finish(rt, token, events, start, elapsed, cause, failed)
-                if not isinstance(exc, Exception):
-                    raise
-                raise failed from exc
-            permits.release()
-            self._bg_finish(rt, token, _FELL_BACK[event], start, elapsed, error)
-            return value
-        cause = _cause(rt, event, error)
-        events, denied = self._bg_fallback_denied(rt, event, cause)
-        self._bg_finish(rt, token, events, start, elapsed, cause, denied)
-        raise denied from cause
-
-    def _bg_fail_async(self, rt: _Runtime, event: Event, elapsed: Optional[float],
-                       error: Optional[BaseException] = None) -> None:
-        permits = rt.state.fallback_permits
-        if not (rt.has_fallback and permits.try_acquire()):
-            cause = _cause(rt, event, error)
-            events, denied = self._bg_fallback_denied(rt, event, cause)
-            denied.__cause__ = cause
-            self._bg_resolve(rt, events, denied, elapsed, cause)
-            return
-        self._bg_before_fallback(rt, event, error)
-        try:
-            value = self.fallback()
-        except BaseException as exc:   # the future must resolve whatever the fallback raised
-            permits.release()
-            cause = _cause(rt, event, error)
-            self._bg_resolve(rt, *self._bg_fallback_failed(rt, event, cause, exc),
-                             elapsed=elapsed, cause=cause, value=None)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            return
-        if not rt.fallback_is_async and type(value) is not _COROUTINE:
-            permits.release()
-            self._bg_resolve(rt, _FELL_BACK[event], None, elapsed, error, value)
-            return
-
-        def fallback_done(task: 'asyncio.Future[Any]') -> None:
-            permits.release()
-            exc = asyncio.CancelledError() if task.cancelled() else task.exception()
-            if exc is not None:
-                cause = _cause(rt, event, error)
-                self._bg_resolve(rt, *self._bg_fallback_failed(rt, event, cause, exc),
-                                 elapsed=elapsed, cause=cause, value=None)
-            else:
-                self._bg_resolve(rt, _FELL_BACK[event], None, elapsed, error, task.result())
-
-        asyncio.ensure_future(value).add_done_callback(fallback_done)
-
-    def _bg_resolve(self, rt: _Runtime, events: Tuple[Event, ...], error: Optional[CommandError],
-                    elapsed: Optional[float], cause: Optional[BaseException],
-                    value: Any = None) -> None:
-        self._bg_finish(rt, self._bg_token, events, self._bg_start, elapsed, cause, error)
-        future = self._bg_future
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
-    # -- bookkeeping -----------------------------------------------------------------
-
-    def _bg_finish(self, rt: _Runtime, token: int, events: Tuple[Event, ...], start: float,
-                   elapsed: Optional[float], cause: Optional[BaseException],
-                   error: Optional[CommandError] = None) -> None:
-        """Record the outcome: instance state, metrics, breaker, listeners, one log record.
-
-        ``cause`` None on a failed outcome means it is built from the event when read.
-        """
-        self._bg_events = events
-        if cause is not None:
-            self._bg_exception = cause
-        self._bg_execution_time = elapsed
-        self._bg_rt = rt
-        now = rt.clock.monotonic()
-        total = now - start
-        if token == TRIAL:
-            # Decide first, so that a successful trial's own success starts the fresh window.
-            rt.breaker.trial_finished(events[0] is SUCCESS)
-            rt.metrics.record(events, elapsed, total, now)
-        else:
-            health = rt.metrics.record(events, elapsed, total, now)
-            if health is not None:
-                rt.breaker.evaluate(health)
-        store = rt.store
-        if store is not None:   # fleet mode: counted here, sent in batches by its thread
-            store.pending.append((rt.command_key, events, rt.clock.wall()))
-        if rt.component._listeners:
-            rt.component._emit(rt.command_key, events)
-        primary = events[0]
-        if primary is SUCCESS or primary is BAD_REQUEST:
-            return
-        if error is None and primary in _QUIET_PRIMARY and not log.isEnabledFor(logging.INFO):
-            return   # a short-circuit or rejection that fell back: logged at INFO
-        _log_failure(rt, events, self.execution_exception, error)
-
-    # -- what happened (DESIGN.md §5.8) --------------------------------------------------
-
-    @property
-    def events(self) -> Tuple[Event, ...]:
-        """The events of this execution, in order; empty before it ran."""
-        return self._bg_events
-
-    @property
-    def is_successful_execution(self) -> bool:
-        """``run()`` returned a result (``SUCCESS``)."""
-        return SUCCESS in self._bg_events
-
-    @property
-    def is_failed_execution(self) -> bool:
-        """``run()`` raised (``FAILURE``); a timeout or rejection is not a failed execution."""
-        return FAILURE in self._bg_events
-
-    @property
-    def is_response_from_fallback(self) -> bool:
-        """The answer came from ``fallback()`` (``FALLBACK_SUCCESS``)."""
-        return FALLBACK_SUCCESS in self._bg_events
-
-    @property
-    def is_response_timed_out(self) -> bool:
-        """``run()`` did not answer within ``timeout`` (``TIMEOUT``)."""
-        return TIMEOUT in self._bg_events
-
-    @property
-    def is_response_short_circuited(self) -> bool:
-        """The breaker was open, so ``run()`` was not called (``SHORT_CIRCUITED``)."""
-        return SHORT_CIRCUITED in self._bg_events
-
-    @property
-    def is_response_rejected(self) -> bool:
-        """No worker, queue slot or semaphore permit was free (``*_REJECTED``)."""
-        events = self._bg_events
-        return THREAD_POOL_REJECTED in events or SEMAPHORE_REJECTED in events
-
-    @property
-    def execution_exception(self) -> Optional[BaseException]:
-        """What made ``run()`` fail: its exception, or the timeout, rejection or short-circuit."""
-        cause = self._bg_exception
-        if cause is None and self._bg_events and self._bg_events[0] in _BUILT_CAUSE:
-            # Built on first read (nobody reads most short-circuits' causes); setdefault
-            # makes two threads reading at once agree on one object.
-            # (read inside an execute() fallback, before the record step set _bg_rt)
-            rt = self._bg_rt or _runtime(type(self))
-            cause = self.__dict__.setdefault('_bg_exception', _cause(rt, self._bg_events[0]))
-        return cause
-
-    @property
-    def execution_time(self) -> Optional[float]:
-        """Seconds ``run()`` took; None if it never ran.
-
-        After a timeout, the seconds from the call to the timeout, time waiting for a
-        worker included.
-        """
-        return self._bg_execution_time
-
-    @property
-    def is_circuit_breaker_open(self) -> bool:
-        """Whether this command's breaker is open now (True when forced open)."""
-        return _runtime(type(self)).breaker.is_open()
-
-    def __repr__(self) -> str:
-        state = '/'.join(event.value for event in self._bg_events) or 'not run'
-        return '<%s %s %s>' % (type(self).__name__, type(self).command_key, state)
 
 
 def _cause(rt: _Runtime, event: Event, raised: Optional[BaseException] = None
@@ -786,6 +178,751 @@ def _log_failure(rt: _Runtime, events: Tuple[Event, ...], cause: Optional[BaseEx
             outcome, exc_info=exc_info, extra=extra)
 
 
+
+
+# -- the decision core --------------------------------------------------------------------
+
+def _classify(error: Optional[BaseException], finished: float,
+              deadline: Optional[float]) -> Event:
+    """What one run() produced, as the event it counts as: the one classification.
+
+    ``deadline`` None: nothing to check (no timeout, or the timer interrupts the
+    run itself, as for an ``async def run()``); an answer at or after it came too late.
+    """
+    if deadline is not None and finished >= deadline:
+        return TIMEOUT
+    if error is None:
+        return SUCCESS
+    if isinstance(error, BadRequest):
+        return BAD_REQUEST
+    return FAILURE
+
+
+class _Execution:
+    """One execution of one command instance: its state, and its decisions.
+
+    This class is an ``execute()``'s; :class:`_QueuedExecution` adds what a
+    ``queue()`` needs (the future, the timer, the IOLoop steps).
+
+    The drivers (:meth:`Command.execute`, :meth:`Command.queue`) only start the
+    work and wait for it; every decision is one method here, whichever driver
+    waits:
+
+    * :meth:`decide`: the gate: the first outcome (the answer, the timeout) wins,
+      and it cancels the timer and the task the others would have come from;
+    * :func:`_classify`: what ``run()`` produced, as an event;
+    * :meth:`settle`: that event, to the answer or to the fallback;
+    * :meth:`fall_back` and :meth:`fallback_ended`: the fallback policy (whether
+      one may run, what its value or exception becomes, which exceptions escape);
+    * :meth:`record`: the record step (events, metrics, breaker, fleet, listeners,
+      one log record);
+    * :meth:`answer`: hands the outcome to the caller (returns or raises here; sets
+      the future unless cancelled in :class:`_QueuedExecution`).
+
+    Where the next outcomes hook in: a retry loop goes in :meth:`settle`, where a
+    retryable event would start another attempt (breaker check, admission, its
+    share of the timeout: what the drivers do before they wait) instead of calling
+    :meth:`fall_back`; between attempts ``execute()`` sleeps and ``queue()`` arms an
+    IOLoop timer, and one overall deadline bounds them all. An answer served from
+    a cache or shared with another execution is a short path in the drivers, before
+    ``allow_request()``: it calls :meth:`record` with its own event and
+    :meth:`answer`, and never reaches the pool.
+    """
+
+    __slots__ = ('rt', 'start', 'token', 'events', 'exception', 'execution_time', 'decided')
+
+    # what a queued execution has in slots; an execute() has none of them
+    future: Optional['asyncio.Future[Any]'] = None
+    timer: Any = None
+    task: Optional['asyncio.Future[Any]'] = None
+    run_started: Optional[float] = None
+
+    # No __init__: on Python 3.11 calling one costs a short-circuit a tenth of its
+    # bookkeeping. Made by _begin() (execute() does the same inline), or by
+    # _QueuedExecution's __init__.
+    rt: _Runtime
+    start: float
+    token: int
+    events: Tuple[Event, ...]
+    exception: Optional[BaseException]
+    execution_time: Optional[float]
+    decided: bool
+
+    # -- the gate ------------------------------------------------------------------
+
+    def decide(self) -> bool:
+        """True for the first outcome to arrive, False for any later one.
+
+        Called on the thread that waits (the caller's in ``execute()``, the IOLoop's in
+        ``queue()``). The winner stops what the losers would come from: the timer,
+        and a coroutine's task (which, unlike a thread, can be interrupted).
+        """
+        if self.decided:
+            return False
+        self.decided = True
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+        task = self.task
+        if task is not None:
+            task.cancel()
+        return True
+
+    # -- on a worker thread --------------------------------------------------------
+
+    def work(self, release: Callable[[], Any], command: 'Command',
+             hand_over: Optional[Callable[[Any], None]] = None
+             ) -> Tuple[Any, Optional[BaseException], float, float]:
+        """On a worker thread: run(), and how long it took and when it finished.
+
+        Frees the pool slot (``release``) before ``hand_over`` wakes the IOLoop, so that
+        whoever the result wakes finds the pool free again.
+        """
+        if self.decided:
+            # Timed out while waiting in the pool's queue: the caller has its answer, and
+            # nobody wants this call made any more (Hystrix skips it too).
+            release()
+            return None, None, 0.0, 0.0
+        rt = self.rt
+        metrics = rt.metrics
+        monotonic = rt.clock.monotonic
+        metrics.execution_started()
+        started = monotonic()
+        try:
+            value, error = command.run(), None
+        except BaseException as exc:  # handed to the caller, never lost in the pool
+            value, error = None, exc
+        finished = monotonic()
+        metrics.execution_finished()
+        release()
+        outcome = value, error, finished - started, finished
+        if hand_over is not None:
+            hand_over(outcome)
+        return outcome
+
+    # -- the outcome of an attempt -------------------------------------------------
+
+    def settle(self, command: 'Command', event: Event, value: Any,
+               error: Optional[BaseException], elapsed: float) -> Any:
+        """What ``run()`` produced (classified as ``event``) becomes the answer or the fallback.
+
+        (A retry loop would go here: a retryable event starts another attempt.)
+        """
+        if event is SUCCESS:
+            self.record(_SUCCESS_ONLY, elapsed, None)
+            return self.answer(value, None)
+        if event is BAD_REQUEST:
+            self.record(_BAD_REQUEST_ONLY, elapsed, error)
+            return self.answer(None, error)
+        if event is TIMEOUT:   # answered, but after the deadline: as if the timer had fired
+            return self.fall_back(command, TIMEOUT, self.rt.clock.monotonic() - self.start,
+                                  None)
+        return self.fall_back(command, FAILURE, elapsed, error)
+
+    # -- the fallback policy -------------------------------------------------------
+    #
+    # The usual outcome (the fallback ran and returned) takes no lock, builds no
+    # exception and makes no log call when INFO is off: a short-circuit must cost
+    # little more than calling fallback() directly. The rest is the slow path.
+
+    def fall_back(self, command: 'Command', event: Event, elapsed: Optional[float],
+                  error: Optional[BaseException]) -> Any:
+        """The execution failed as ``event``: run the fallback if one may, and answer.
+
+        ``error`` is what ``run()`` raised; None means the cause is built from
+        ``event``, and only when somebody reads it.
+        """
+        rt = self.rt
+        permits = rt.state.fallback_permits
+        if not (rt.has_fallback and permits.try_acquire()):
+            cause = _cause(rt, event, error)
+            if not rt.has_fallback:
+                events = (event, FALLBACK_MISSING)
+                denied = CommandError(rt.command_key, FAILURE_TYPE_OF[event], cause, None,
+                                      'no fallback is available (FALLBACK_MISSING)')
+            else:
+                events = (event, FALLBACK_REJECTION)
+                denied = CommandError(
+                    rt.command_key, FailureType.REJECTED_SEMAPHORE_FALLBACK, cause, None,
+                    'the fallback was rejected: %d fallbacks already running '
+                    '(FALLBACK_REJECTION)' % (permits.limit,))
+            denied.__cause__ = cause
+            self.record(events, elapsed, cause, denied)
+            return self.answer(None, denied)
+        # What fallback() may read (Hystrix's getExecutionException()): the primary event,
+        # and the cause (built from the event on first read when `error` is None).
+        self.events = _PRIMARY[event]
+        if error is not None:
+            self.exception = error
+        try:
+            value = command.fallback()
+        except BaseException as exc:   # counted and answered whatever it is
+            return self.fallback_ended(event, elapsed, error, None, exc)
+        if type(value) is _COROUTINE or rt.fallback_is_async:
+            return self.await_fallback(command, event, elapsed, error, value)
+        permits.release()   # the usual end, as fallback_ended() would: one frame less
+        self.record(_FELL_BACK[event], elapsed, error)
+        return self.answer(value, None)
+
+    def await_fallback(self, command: 'Command', event: Event, elapsed: Optional[float],
+                       error: Optional[BaseException], value: Any) -> Any:
+        """fallback() gave a coroutine, which execute() cannot await: a FALLBACK_FAILURE."""
+        value.close()
+        return self.fallback_ended(event, elapsed, error, None, TypeError(
+            '%s.fallback() returned a coroutine, which execute() cannot await; make '
+            'fallback() return its value, or use `await cmd.queue()`'
+            % (type(command).__name__,)))
+
+    def fallback_ended(self, event: Event, elapsed: Optional[float],
+                       error: Optional[BaseException], value: Any,
+                       exc: Optional[BaseException], escape: bool = True) -> Any:
+        """The fallback returned ``value`` or raised ``exc``: record it and answer.
+
+        The exception rule, the same for both drivers: whatever the fallback raised is a
+        FALLBACK_FAILURE and the caller gets a :class:`CommandError` carrying it;
+        KeyboardInterrupt and SystemExit then go on up (``escape``: unless they already
+        did, out of a fallback's task), after the outcome was recorded and answered.
+        """
+        rt = self.rt
+        rt.state.fallback_permits.release()
+        if exc is None:
+            self.record(_FELL_BACK[event], elapsed, error)
+            return self.answer(value, None)
+        cause = _cause(rt, event, error)
+        failed = CommandError(rt.command_key, FAILURE_TYPE_OF[event], cause, exc,
+                              'the fallback failed (FALLBACK_FAILURE: %s: %s)'
+                              % (type(exc).__name__, exc))
+        failed.__cause__ = exc
+        self.record((event, FALLBACK_FAILURE), elapsed, cause, failed)
+        return self.answer(None, failed, exc if escape and isinstance(exc, _ESCAPING) else None)
+
+    # -- the record step -----------------------------------------------------------
+
+    def record(self, events: Tuple[Event, ...], elapsed: Optional[float],
+               cause: Optional[BaseException], error: Optional[CommandError] = None) -> None:
+        """Record the outcome: its state here, metrics, breaker, listeners, one log record.
+
+        ``cause`` None on a failed outcome means it is built from the event when read.
+        """
+        self.events = events
+        if cause is not None:
+            self.exception = cause
+        self.execution_time = elapsed
+        rt = self.rt
+        now = rt.clock.monotonic()
+        total = now - self.start
+        if self.token == TRIAL:
+            # Decide first, so that a successful trial's own success starts the fresh window.
+            rt.breaker.trial_finished(events[0] is SUCCESS)
+            rt.metrics.record(events, elapsed, total, now)
+        else:
+            health = rt.metrics.record(events, elapsed, total, now)
+            if health is not None:
+                rt.breaker.evaluate(health)
+        store = rt.store
+        if store is not None:   # fleet mode: counted here, sent in batches by its thread
+            store.pending.append((rt.command_key, events, rt.clock.wall()))
+        if rt.component._listeners:
+            rt.component._emit(rt.command_key, events)
+        primary = events[0]
+        if primary is SUCCESS or primary is BAD_REQUEST:
+            return
+        if error is None and primary in _QUIET_PRIMARY and not log.isEnabledFor(logging.INFO):
+            return   # a short-circuit or rejection that fell back: logged at INFO
+        _log_failure(rt, events, self.cause(), error)
+
+    # -- the answer ----------------------------------------------------------------
+
+    def answer(self, value: Any, failure: Optional[BaseException],
+               escaping: Optional[BaseException] = None) -> Any:
+        """Hand the outcome to the caller of ``execute()``: return it, or raise."""
+        if escaping is not None:
+            raise escaping
+        if failure is not None:
+            raise failure
+        return value
+
+    # -- what the public properties read -------------------------------------------
+
+    def cause(self) -> Optional[BaseException]:
+        """What made run() fail; a timeout's, rejection's or short-circuit's built on first read.
+
+        (Nobody reads most short-circuits' causes; the lock makes two threads reading at
+        once agree on one object.)
+        """
+        cause = self.exception
+        if cause is None and self.events and self.events[0] in _BUILT_CAUSE:
+            with _CAUSE_LOCK:
+                cause = self.exception
+                if cause is None:
+                    cause = self.exception = _cause(self.rt, self.events[0])
+        return cause
+
+    def __repr__(self) -> str:   # as its command's: what shutdown() names a stuck worker by
+        if self.rt is None:
+            return '<not run>'
+        return '<%s %s %s>' % (self.rt.name, self.rt.command_key,
+                               '/'.join(event.value for event in self.events) or 'not run')
+
+
+class _QueuedExecution(_Execution):
+    """One execution under ``queue()``: its future, its timer, and the IOLoop steps."""
+
+    __slots__ = ('command', 'loop', 'future', 'timer', 'task', 'run_started', 'release',
+                 'later', 'timer_taken')
+
+    def __init__(self, rt: _Runtime, start: float, command: 'Command', loop: Any) -> None:
+        self.rt = rt
+        self.start = start
+        self.events = ()
+        self.exception = self.execution_time = None
+        self.decided = False
+        self.command: Command = command
+        self.loop = loop
+        self.future: 'asyncio.Future[Any]' = loop.create_future()  # type: ignore[assignment]
+        self.timer = None
+        self.task = None
+        self.run_started = None
+        self.release: Callable[[], Any] = _nothing
+        self.later: Optional[DeferredOutcome] = None
+        self.timer_taken = False   # run() paused or restarted its timeout itself
+
+    def answer(self, value: Any, failure: Optional[BaseException],
+               escaping: Optional[BaseException] = None) -> None:
+        """Resolve the future, unless its caller cancelled it; then let ``escaping`` go on."""
+        # nothing after the answer needs it (it comes once: the gate saw to that), and a
+        # command no longer kept by its execution is freed without the cycle collector
+        self.command = None  # type: ignore[assignment]
+        future = self.future
+        if not future.cancelled():
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(value)
+        if escaping is not None:
+            raise escaping
+
+    def await_fallback(self, command: 'Command', event: Event, elapsed: Optional[float],
+                       error: Optional[BaseException], value: Any) -> None:
+        """An ``async def fallback()`` (or one that returned a coroutine): answer when it ends."""
+
+        def fallback_done(task: 'asyncio.Future[Any]') -> None:
+            if task.cancelled():
+                self.fallback_ended(event, elapsed, error, None, asyncio.CancelledError())
+            else:
+                exc = task.exception()
+                self.fallback_ended(event, elapsed, error, None if exc else task.result(),
+                                    exc, escape=False)
+
+        asyncio.ensure_future(value).add_done_callback(fallback_done)
+
+    # -- the timer -----------------------------------------------------------------
+
+    def arm_timer(self, delay: float) -> None:
+        self.timer = self.rt.clock.call_later(self.loop, delay, self.timed_out)
+
+    def pause_timer(self) -> None:
+        self.timer_taken = True
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+        self.timer = None
+
+    def timed_out(self) -> None:
+        """On the IOLoop: the timer fired before run() answered."""
+        if self.decide():
+            self.fall_back(self.command, TIMEOUT, self.rt.clock.monotonic() - self.start, None)
+
+    # -- a run() on a worker thread ------------------------------------------------
+
+    def hand_over(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+        """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
+        try:
+            self.loop.call_soon_threadsafe(self.run_returned, outcome)
+        except RuntimeError:
+            # The loop was closed while run() ran: nobody waits for the answer, but the
+            # outcome still counts (and a trial must still close or re-open the breaker).
+            if self.decide():
+                value, error, elapsed, finished = outcome
+                self.record((_classify(error, finished, None),), elapsed, error)
+
+    def run_returned(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+        """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
+        if self.decide():
+            value, error, elapsed, finished = outcome
+            timeout = self.rt.timeout
+            self.settle(self.command, _classify(
+                error, finished, None if timeout is None else self.start + timeout),
+                value, error, elapsed)
+
+    # -- an async def run() on the IOLoop ------------------------------------------
+
+    def start_coroutine(self, command: 'Command') -> None:
+        rt = self.rt
+        if rt.group_admission:
+            release = rt.pool.try_admit()
+            if release is None:
+                self.fall_back(command, THREAD_POOL_REJECTED, None,
+                               _cause(rt, THREAD_POOL_REJECTED))
+                return
+        else:
+            permits = rt.state.run_permits
+            if not permits.try_acquire():
+                self.fall_back(command, SEMAPHORE_REJECTED, None, None)
+                return
+            release = permits.release
+        self.release = release
+        rt.metrics.execution_started()
+        self.run_started = rt.clock.monotonic()
+        try:
+            coroutine = command.run()
+        except BaseException:
+            release()
+            rt.metrics.execution_finished()
+            raise
+        loop = self.loop
+        if _EAGER:   # run() starts now, and one that needs no I/O is settled with no loop pass
+            task = asyncio.Task(self.drive(coroutine), loop=loop,  # type: ignore
+                                eager_start=True)
+        else:
+            task = loop.create_task(self.drive(coroutine))
+        if task.done():
+            return
+        self.task = task
+        if rt.timeout is not None and not self.timer_taken:
+            # (unless run() already paused or restarted it, in its first step)
+            self.arm_timer(rt.timeout - (rt.clock.monotonic() - self.start))
+
+    async def drive(self, coroutine: Any) -> None:
+        """The task of an ``async def run()``: await it, then settle in the same step."""
+        try:
+            value, error = await coroutine, None
+        except BaseException as exc:   # cancelled by our timeout, or anything run() raised
+            value, error = None, exc
+        self.task = None   # ending by itself: not to be cancelled by the gate
+        later = self.later
+        if later is not None:
+            if error is None and not self.decided:
+                self.hand_over_later(later, value)
+                return
+            later._void()   # run() failed or timed out after all: counted as usual
+        self.release()
+        rt = self.rt
+        rt.metrics.execution_finished()
+        if self.decide():
+            finished = rt.clock.monotonic()
+            self.settle(self.command, _classify(error, finished, None), value, error,
+                        finished - self.run_started)   # type: ignore[operator]
+        if isinstance(error, _ESCAPING):
+            raise error
+
+    def hand_over_later(self, later: 'DeferredOutcome', value: Any) -> None:
+        """run() returned, but its execution goes on: answer now, count when it ends."""
+        self.decide()
+        rt = self.rt
+        elapsed = rt.clock.monotonic() - self.run_started  # type: ignore[operator]
+        if self.token == TRIAL:
+            # A trial is judged by what run() returned: the breaker must not stay half-open
+            # for as long as an event stream lasts.
+            self.record(_SUCCESS_ONLY, elapsed, None)
+            later._arm(self, elapsed, counted=True)
+        else:
+            later._arm(self, elapsed, counted=False)
+        self.answer(value, None)
+
+    def ended_later(self, elapsed: float, error: Optional[BaseException],
+                    counted: bool) -> None:
+        """On the IOLoop: the execution that outlived run() ended; free it and count it."""
+        self.release()
+        self.rt.metrics.execution_finished()
+        if counted:
+            return
+        if error is None:
+            self.record(_SUCCESS_ONLY, elapsed, None)
+        else:
+            self.record(_FAILED_LATE, elapsed, error)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _begin(rt: _Runtime, start: float) -> _Execution:
+    """A new execution of a command of ``rt``, started at ``start``."""
+    ex = _Execution()
+    ex.rt = rt
+    ex.start = start
+    ex.events = ()
+    ex.exception = ex.execution_time = None
+    ex.decided = False
+    return ex
+
+
+#: what a command that never ran reads: no events, no cause, no time
+_NOT_RUN = _begin(None, 0.0)  # type: ignore[arg-type]
+
+
+class Command:
+    """Wrap a call to a dependency: subclass it, write ``run()`` and ``fallback()``.
+
+    Settings are class attributes (see the configuration reference); an
+    instance runs once, through ``execute()`` or ``queue()``. The subclass's
+    ``__init__`` need not call ``super().__init__()``.
+    """
+
+    group_key: str = 'default'
+    #: defaults to the class's ``__name__``
+    command_key: str = 'Command'
+    timeout: float = COMMAND_DEFAULTS['timeout']
+    timeout_enabled: bool = True
+    fallback_enabled: bool = True
+    circuit_breaker_enabled: bool = True
+    circuit_breaker_request_volume_threshold: int = \
+        COMMAND_DEFAULTS['circuit_breaker_request_volume_threshold']
+    circuit_breaker_error_threshold_percentage: float = \
+        COMMAND_DEFAULTS['circuit_breaker_error_threshold_percentage']
+    circuit_breaker_sleep_window: float = COMMAND_DEFAULTS['circuit_breaker_sleep_window']
+    circuit_breaker_force_open: bool = False
+    circuit_breaker_force_closed: bool = False
+    #: Whether THREAD_POOL_REJECTED and SEMAPHORE_REJECTED count as errors for the
+    #: breaker (Hystrix: yes). False: they are still counted in the metrics and still
+    #: fall back, but move neither the error percentage nor the request volume.
+    circuit_breaker_count_rejections: bool = True
+    metrics_rolling_window: float = COMMAND_DEFAULTS['metrics_rolling_window']
+    metrics_rolling_buckets: int = COMMAND_DEFAULTS['metrics_rolling_buckets']
+    metrics_health_snapshot_interval: float = \
+        COMMAND_DEFAULTS['metrics_health_snapshot_interval']
+    max_concurrent_requests: int = COMMAND_DEFAULTS['max_concurrent_requests']
+    fallback_max_concurrent_requests: int = COMMAND_DEFAULTS['fallback_max_concurrent_requests']
+    #: An ``async def run()`` normally takes a permit of its command's own semaphore
+    #: (``max_concurrent_requests``). True: it takes a slot of its group's executor pool
+    #: instead, and no thread, so that ``max_workers + max_queue_size`` bound every such
+    #: execution of the group together; a full group is ``THREAD_POOL_REJECTED``.
+    #: :class:`~blackgate.HTTPProxyCommand` sets it: one slot per upstream exchange.
+    group_admission: bool = False
+
+    # The one piece of the pipeline's state on the instance: its execution, once it ran
+    # (name-mangled, so that a subclass's own attributes cannot meet it). The class-level
+    # default is an execution that never ran, for what the public properties read before.
+    __execution = _NOT_RUN
+    __explicit_key = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_class_attributes('command class %s' % (cls.__qualname__,), vars(cls))
+        if 'command_key' in vars(cls):
+            cls.__explicit_key = True
+        elif not cls.__explicit_key:
+            cls.command_key = cls.__name__
+
+    # -- what subclasses write -------------------------------------------------------
+
+    def run(self) -> Any:
+        """Call the dependency; runs on a worker thread (or on the IOLoop if ``async def``)."""
+        raise NotImplementedError('%s must define run()' % (type(self).__name__,))
+
+    def fallback(self) -> Any:
+        """The answer when ``run()`` fails, times out, is rejected or short-circuited."""
+        raise NotImplementedError  # never called: a command without one has FALLBACK_MISSING
+
+    # -- the drivers: they only wait; the decisions are _Execution's ------------------
+
+    def execute(self) -> Any:
+        """Run the command on its pool and block until its result (or fallback) is known.
+
+        Raises :class:`CommandError` when it fails with no usable fallback, and
+        :class:`BadRequest` as ``run()`` raised it.
+        """
+        if _get_running_loop() is not None:
+            raise BlackgateError(
+                '%s.execute() was called on the thread of a running IOLoop and would block it; '
+                'use `await %s(...).queue()` (or `yield` it in a gen.coroutine) instead'
+                % (type(self).__name__, type(self).__name__))
+        rt = _runtime(type(self))
+        if rt.needs_loop:
+            raise BlackgateError(
+                '%s has an async def %s(), which runs on the IOLoop: use `await cmd.queue()`'
+                % (type(self).__name__, 'run' if rt.run_is_async else 'fallback'))
+        tracer = rt.component.tracer
+        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
+            return tracer.execute(self)
+        clock = rt.clock
+        ex = _Execution()   # as _begin() makes one, without its frame
+        ex.rt = rt
+        ex.start = clock.monotonic()
+        ex.events = ()
+        ex.exception = ex.execution_time = None
+        ex.decided = False
+        if self.__dict__.setdefault('_Command__execution', ex) is not ex:   # atomic: one wins
+            self.__ran_already()
+        token = ex.token = rt.breaker.allow_request()
+        if token == DENY:
+            return ex.fall_back(self, SHORT_CIRCUITED, None, None)
+        future = rt.pool.try_submit(ex.work, self)
+        if future is None:
+            return ex.fall_back(self, THREAD_POOL_REJECTED, None,
+                                _cause(rt, THREAD_POOL_REJECTED))
+        timeout = rt.timeout
+        try:
+            if timeout is None:
+                value, error, elapsed, finished = future.result()
+                deadline = None
+            else:
+                deadline = ex.start + timeout
+                value, error, elapsed, finished = clock.wait_until(future, deadline)
+        except _WaitTimeout:
+            ex.decide()   # a run() still waiting in the queue is skipped
+            return ex.fall_back(self, TIMEOUT, clock.monotonic() - ex.start, None)
+        return ex.settle(self, _classify(error, finished, deadline), value, error, elapsed)
+
+    def queue(self) -> 'asyncio.Future[Any]':
+        """Start the command and return a future of its result; never blocks the IOLoop.
+
+        ``await`` it in a coroutine, or ``yield`` it in a ``gen.coroutine``.
+        The future fails with :class:`CommandError` or :class:`BadRequest` as
+        ``execute()`` would raise them.
+        """
+        loop = _get_running_loop()
+        if loop is None:
+            raise BlackgateError(
+                '%s.queue() needs a running IOLoop on this thread; from a plain thread use '
+                '%s(...).execute()' % (type(self).__name__, type(self).__name__))
+        tracer = component.tracer
+        if tracer is not None and tracer.wants(self):   # blackgate.tracing: in a span
+            return tracer.queue(self)
+        rt = _runtime(type(self))
+        ex = _QueuedExecution(rt, rt.clock.monotonic(), self, loop)
+        if self.__dict__.setdefault('_Command__execution', ex) is not ex:   # atomic: one wins
+            self.__ran_already()
+        token = ex.token = rt.breaker.allow_request()
+        if token == DENY:
+            ex.fall_back(self, SHORT_CIRCUITED, None, None)
+        elif rt.run_is_async:
+            ex.start_coroutine(self)
+        elif rt.pool.try_submit(ex.work, self, ex.hand_over) is None:
+            ex.fall_back(self, THREAD_POOL_REJECTED, None, _cause(rt, THREAD_POOL_REJECTED))
+        elif rt.timeout is not None:
+            ex.arm_timer(ex.start + rt.timeout - rt.clock.monotonic())
+        return ex.future
+
+    def __ran_already(self) -> None:
+        raise BlackgateError('this %s instance has already run; a command instance runs '
+                             'once: create a new one for each call' % (type(self).__name__,))
+
+    # -- what an async def run() may ask of the pipeline -----------------------------
+
+    def defer_outcome(self) -> 'DeferredOutcome':
+        """From inside an ``async def run()``: the execution goes on after ``run()`` returns.
+
+        The caller gets ``run()``'s result at once, but the permit (or pool slot)
+        stays taken, and the outcome is counted, when the returned
+        :class:`DeferredOutcome` is settled: ``success()`` counts ``SUCCESS``,
+        ``failure(exc)`` a ``FAILURE`` (no fallback runs: the caller already has its
+        answer). Settle it exactly once, on the IOLoop, whatever happens; if ``run()``
+        raises or times out instead, the handle is void and settling it does nothing.
+        :class:`~blackgate.HTTPProxyCommand` uses it for a response body that is
+        still streaming when its head arrived.
+        """
+        ex = self.__running_async('defer_outcome')
+        later = ex.later
+        if later is None:
+            later = ex.later = DeferredOutcome()
+        return later
+
+    def refresh_timeout(self) -> None:
+        """From inside an ``async def run()``: start the command's ``timeout`` again from now.
+
+        For work whose progress shows (a request body streaming upstream), so that
+        the timeout bounds a silence rather than the whole transfer.
+        """
+        ex = self.__running_async('refresh_timeout')
+        ex.pause_timer()
+        timeout = ex.rt.timeout
+        if timeout is not None and not ex.decided:
+            ex.arm_timer(timeout)
+
+    def pause_timeout(self) -> None:
+        """From inside an ``async def run()``: stop the timeout until :meth:`refresh_timeout`.
+
+        For waits that are not the dependency's (the client sending the next part
+        of a request body).
+        """
+        self.__running_async('pause_timeout').pause_timer()
+
+    def __running_async(self, name: str) -> '_QueuedExecution':
+        ex = self.__dict__.get('_Command__execution')
+        if not isinstance(ex, _QueuedExecution) or ex.run_started is None:
+            raise BlackgateError('%s.%s() may only be called from inside its own async def '
+                                 'run(), while it runs under queue()' % (type(self).__name__,
+                                                                           name))
+        return ex
+
+    def _bg_timeout(self) -> Optional[float]:
+        """The timeout this command's class runs under, as resolved; None if disabled."""
+        return _runtime(type(self)).timeout
+
+    # -- what happened -----------------------------------------------------------------
+
+    @property
+    def events(self) -> Tuple[Event, ...]:
+        """The events of this execution, in order; empty before it ran."""
+        return self.__execution.events
+
+    @property
+    def is_successful_execution(self) -> bool:
+        """``run()`` returned a result (``SUCCESS``)."""
+        return SUCCESS in self.__execution.events
+
+    @property
+    def is_failed_execution(self) -> bool:
+        """``run()`` raised (``FAILURE``); a timeout or rejection is not a failed execution."""
+        return FAILURE in self.__execution.events
+
+    @property
+    def is_response_from_fallback(self) -> bool:
+        """The answer came from ``fallback()`` (``FALLBACK_SUCCESS``)."""
+        return FALLBACK_SUCCESS in self.__execution.events
+
+    @property
+    def is_response_timed_out(self) -> bool:
+        """``run()`` did not answer within ``timeout`` (``TIMEOUT``)."""
+        return TIMEOUT in self.__execution.events
+
+    @property
+    def is_response_short_circuited(self) -> bool:
+        """The breaker was open, so ``run()`` was not called (``SHORT_CIRCUITED``)."""
+        return SHORT_CIRCUITED in self.__execution.events
+
+    @property
+    def is_response_rejected(self) -> bool:
+        """No worker, queue slot or semaphore permit was free (``*_REJECTED``)."""
+        events = self.__execution.events
+        return THREAD_POOL_REJECTED in events or SEMAPHORE_REJECTED in events
+
+    @property
+    def execution_exception(self) -> Optional[BaseException]:
+        """What made ``run()`` fail: its exception, or the timeout, rejection or short-circuit."""
+        return self.__execution.cause()
+
+    @property
+    def execution_time(self) -> Optional[float]:
+        """Seconds ``run()`` took; None if it never ran.
+
+        After a timeout, the seconds from the call to the timeout, time waiting for a
+        worker included.
+        """
+        return self.__execution.execution_time
+
+    @property
+    def is_circuit_breaker_open(self) -> bool:
+        """Whether this command's breaker is open now (True when forced open)."""
+        return _runtime(type(self)).breaker.is_open()
+
+    def __repr__(self) -> str:
+        state = '/'.join(event.value for event in self.__execution.events) or 'not run'
+        return '<%s %s %s>' % (type(self).__name__, type(self).command_key, state)
+
+
 class DeferredOutcome:
     """The end of an execution that outlives its ``run()``: see :meth:`Command.defer_outcome`.
 
@@ -794,10 +931,10 @@ class DeferredOutcome:
     as soon as it does); a second settle, or one after ``run()`` failed, does nothing.
     """
 
-    __slots__ = ('_command', '_elapsed', '_counted', '_ended', '_error')
+    __slots__ = ('_execution', '_elapsed', '_counted', '_ended', '_error')
 
     def __init__(self) -> None:
-        self._command: Optional[Command] = None   # set when run() returns
+        self._execution: Optional[_QueuedExecution] = None   # set when run() returns
         self._elapsed = 0.0
         self._counted = False
         self._ended = False   # settled (before or after run() returned), or void
@@ -821,22 +958,22 @@ class DeferredOutcome:
             return
         self._ended = True
         self._error = error
-        command = self._command
-        if command is not None:
-            self._command = None
-            command._bg_ended_later(self._elapsed, error, self._counted)
+        execution = self._execution
+        if execution is not None:
+            self._execution = None
+            execution.ended_later(self._elapsed, error, self._counted)
 
-    def _arm(self, command: Command, elapsed: float, counted: bool) -> None:
+    def _arm(self, execution: _QueuedExecution, elapsed: float, counted: bool) -> None:
         self._elapsed = elapsed
         self._counted = counted
         if self._ended:   # settled while run() still ran
-            command._bg_ended_later(elapsed, self._error, counted)
+            execution.ended_later(elapsed, self._error, counted)
         else:
-            self._command = command
+            self._execution = execution
 
     def _void(self) -> None:
         self._ended = True
-        self._command = None
+        self._execution = None
 
     def __repr__(self) -> str:
         return '<DeferredOutcome %s>' % ('settled' if self._ended else 'open')

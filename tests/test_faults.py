@@ -489,6 +489,46 @@ def test_a_fallback_raising_a_base_exception_under_execute_still_counts_the_fail
     assert counts('aborting').get(Event.FAILURE) == 1
 
 
+@pytest.mark.parametrize('driver', ['execute', 'queue'])
+def test_a_fallback_raising_a_base_exception_gives_the_same_command_error_under_both_drivers(
+        driver):
+    """Issue 19: execute() re-raised it raw where queue() wrapped it; now both wrap it."""
+    cmd = AbortingFallback()
+    kind, error = _answer(cmd, driver)
+    assert kind == 'error' and type(error) is CommandError
+    assert error.failure_type is FailureType.COMMAND_EXCEPTION
+    assert type(error.cause) is ConnectionError
+    assert type(error.fallback_exception) is Abort and error.__cause__ is error.fallback_exception
+    assert cmd.events == (Event.FAILURE, Event.FALLBACK_FAILURE)
+    assert _answer(AbortingFallback(abort=False), driver) == ('value', 'stale')   # permit back
+    assert counts('aborting') == {Event.FAILURE: 2, Event.FALLBACK_FAILURE: 1,
+                                  Event.FALLBACK_SUCCESS: 1}
+
+
+@pytest.mark.parametrize('error', [KeyboardInterrupt, SystemExit], ids=lambda e: e.__name__)
+def test_a_fallback_raising_keyboard_interrupt_goes_on_up_from_either_driver_once_recorded(error):
+    """The one exception rule: recorded as FALLBACK_FAILURE, answered, then it escapes."""
+    class Interrupted(Command):
+        command_key = 'interrupted'
+        circuit_breaker_force_open = True   # so that queue() runs the fallback in its call
+
+        def run(self):
+            return 'fresh'
+
+        def fallback(self):
+            raise error('operator pressed ^C')
+
+    with pytest.raises(error):
+        Interrupted().execute()
+
+    async def queued():
+        with pytest.raises(error):
+            Interrupted().queue()
+
+    run_async(queued())
+    assert counts('interrupted') == {Event.SHORT_CIRCUITED: 2, Event.FALLBACK_FAILURE: 2}
+
+
 # -- listeners that raise ---------------------------------------------------------------------
 
 class Recorder:
