@@ -259,6 +259,8 @@ def test_the_pool_rejects_beyond_the_limit(clock, gates):
     assert refused.execute() == 'stale'
     assert refused.events == (Event.THREAD_POOL_REJECTED, Event.FALLBACK_SUCCESS)
     assert pool.in_flight == 2 and pool.active_count == 2
+    assert 'adaptive concurrency limit (2 running, limit 2 of 8 workers)' in \
+        str(refused.execution_exception)
     for gate in held:
         gate.open()
     assert [future.result(5) for future in running] == ['fresh', 'fresh']
@@ -390,3 +392,31 @@ def test_a_command_limit_is_checked_against_max_concurrent_requests():
     with pytest.raises(ConfigError, match=r"command 'streams': concurrency_limit: max=20 is more than "
                        r"max_concurrent_requests=8"):
         component.install()
+
+
+def test_an_async_run_under_a_learned_limit_is_refused_beyond_it(clock):
+    import asyncio
+
+    from support import run_async
+
+    class Streams(Command):
+        command_key = 'streams'
+        max_concurrent_requests = 8
+        concurrency_limit = {'algorithm': 'aimd', 'initial': 1}
+
+        async def run(self):
+            await asyncio.sleep(0)
+            return 'fresh'
+
+        def fallback(self):
+            return 'stale'
+
+    async def two_at_once():
+        first, second = Streams(), Streams()
+        answers = await asyncio.gather(first.queue(), second.queue())
+        return answers, second
+
+    answers, second = run_async(two_at_once())
+    assert answers == ['fresh', 'stale']
+    assert second.events[0] is Event.SEMAPHORE_REJECTED
+    assert 'adaptive concurrency limit' in str(second.execution_exception)
