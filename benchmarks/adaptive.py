@@ -27,7 +27,7 @@ import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from blackgate import Command, Event, component
+from blackgate import Command, component
 from blackgate.clock import SystemClock
 
 from .upstreams import FlakyUpstream, QueueingUpstream, closed_loop
