@@ -17,6 +17,7 @@ blocks, ``queue()`` on the IOLoop and returns a future at once.
    stays busy until ``run()`` returns and its late result is dropped.
 """
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import sys
@@ -32,7 +33,9 @@ from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, R
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
 from .logs import BUG_ATTRIBUTE, PROGRAMMING_ERRORS
+from .pools import LimitedPermits
 from .registry import component
+from .retry import BUDGET_EXHAUSTED, GIVE_UP, RetryPolicy
 
 __all__ = ('Command', 'DeferredOutcome')
 
@@ -62,6 +65,8 @@ _context_get = REQUEST_CONTEXT.get
 #: The longest a cache hit waits for the call it shares (about 11.6 days: for ever); that
 #: call's own timeout and fallback bound it long before.
 _FOREVER = 1_000_000.0
+RETRY = Event.RETRY
+RETRY_BUDGET_EXHAUSTED = Event.RETRY_BUDGET_EXHAUSTED
 _SUCCESS_ONLY = (SUCCESS,)
 _BAD_REQUEST_ONLY = (BAD_REQUEST,)
 _FAILED_LATE = (FAILURE,)   # after the caller had its answer: no fallback can run
@@ -84,7 +89,7 @@ class _Runtime:
 
     __slots__ = ('command_key', 'name', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'group_admission', 'component', 'store', 'caches')
+                 'group_admission', 'component', 'store', 'caches', 'retry')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -107,6 +112,10 @@ class _Runtime:
         self.needs_loop = run_is_async or self.fallback_is_async   # so queue() only
         self.group_admission = group_admission
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
+        #: the retry policy, or None: no retries, and the pipeline takes no step for them
+        self.retry = (RetryPolicy(settings.retry_attempts, settings.retry_backoff,
+                                  settings.retry_on, settings.retry_on_timeout)
+                      if settings.retry_attempts else None)
         self.component = registry
         self.store = registry._store   # fleet mode's state store, or None
         #: answered from the request cache: cache_key() is defined and the cache is on
@@ -154,12 +163,22 @@ def _cause(rt: _Runtime, event: Event, raised: Optional[BaseException] = None
             pool = pool.successor
         if pool.is_shut_down:
             return Rejected('%s: executor pool %r is shut down' % (key, pool.group_key))
+        if pool.limit is not None:
+            return Rejected('%s: executor pool %r is at its adaptive concurrency limit (%d '
+                            'running, limit %d of %d workers)' % (key, pool.group_key,
+                                                                  pool.in_flight, pool.limit,
+                                                                  pool.max_workers))
         return Rejected('%s: executor pool %r is full (%d workers busy, %d of %d queue slots '
                         'taken)' % (key, pool.group_key, pool.active_count, pool.queue_size,
                                     pool.max_queue_size))
     if event is SEMAPHORE_REJECTED:
+        permits = rt.state.run_permits
+        if isinstance(permits, LimitedPermits):
+            return Rejected('%s: %d concurrent executions already running (its adaptive '
+                            'concurrency limit, of max_concurrent_requests %d)'
+                            % (key, permits.limit, permits.limiter.max))
         return Rejected('%s: %d concurrent executions already running (max_concurrent_requests)'
-                        % (key, rt.state.run_permits.limit))
+                        % (key, permits.limit))
     return CommandTimeout('%s: run() did not finish within %.3f s' % (key, rt.timeout or 0.0))
 
 
@@ -607,11 +626,11 @@ class _QueuedExecution(_Execution):
                                _cause(rt, THREAD_POOL_REJECTED))
                 return
         else:
-            permits = rt.state.run_permits
-            if not permits.try_acquire():
+            taken = rt.state.run_permits.try_take()   # (timed, under a learned limit)
+            if taken is None:
                 self.fall_back(command, SEMAPHORE_REJECTED, None, None)
                 return
-            release = permits.release
+            release = taken
         self.release = release
         rt.metrics.execution_started()
         self.run_started = rt.clock.monotonic()
@@ -682,6 +701,229 @@ class _QueuedExecution(_Execution):
             self.record(_SUCCESS_ONLY, elapsed, None)
         else:
             self.record(_FAILED_LATE, elapsed, error)
+
+
+# -- retries (DESIGN.md §10) ---------------------------------------------------------------
+#
+# Only a command with retry_attempts takes these paths (its _Runtime has a policy); the
+# others never reach them. The decision is the policy's (blackgate/retry.py); here it is
+# carried out: each attempt goes through the breaker's check, admission and its share of
+# the timeout, is counted as its own outcome, and the call's one deadline bounds them all.
+
+class _Retries:
+    """What a retried execution adds to the core: the attempts, and the decision after each.
+
+    (No ``__slots__`` of its own: the two concrete classes below declare the names.)
+    """
+
+    rt: _Runtime
+    start: float
+    token: int
+    events: Tuple[Event, ...]
+    decided: bool
+    # in the concrete classes' slots
+    retries: int
+    prior: Tuple[Event, ...]
+    exhausted: bool
+    last_error: Optional[BaseException]
+
+    def begin_retries(self) -> None:
+        self.retries = 0
+        self.prior = ()
+        self.exhausted = False
+        self.last_error = None
+        budget = self.rt.state.retry_budget
+        if budget is not None:
+            budget.deposit()   # every call earns its share of a retry
+
+    def attempt_deadline(self) -> Optional[float]:
+        """When this attempt times out: the call's deadline, or its share of what is left."""
+        rt = self.rt
+        if rt.timeout is None:
+            return None
+        end = self.start + rt.timeout
+        policy = rt.retry
+        left = policy.attempts - self.retries   # type: ignore[union-attr]
+        if policy.retry_on_timeout and left > 0:   # type: ignore[union-attr]
+            now = rt.clock.monotonic()
+            return now + (end - now) / (left + 1)
+        return end
+
+    def after_attempt(self, command: 'Command', event: Event, error: Optional[BaseException],
+                      elapsed: Optional[float]) -> Optional[float]:
+        """After an attempt: the seconds to wait before the next, or None if this one is the last.
+
+        A retried attempt is counted here, as ``(event, RETRY)``.
+        """
+        if event is not FAILURE and event is not TIMEOUT:
+            return None
+        rt = self.rt
+        raised = error if event is FAILURE else None
+        remaining = None if rt.timeout is None else \
+            self.start + rt.timeout - rt.clock.monotonic()
+        policy: RetryPolicy = rt.retry   # type: ignore[assignment]
+        decision = policy.decide(self.retries, raised, event is TIMEOUT, remaining)
+        if decision.action is GIVE_UP or not _may_retry(command, raised):
+            return None
+        budget = rt.state.retry_budget
+        if budget is not None and not budget.try_withdraw():
+            self.exhausted = True   # the last attempt's events say so (see record())
+            return None
+        self.record_attempt((event, RETRY), elapsed, raised)
+        self.retries += 1
+        if raised is not None:
+            self.last_error = raised
+        return decision.delay
+
+    def record_attempt(self, events: Tuple[Event, ...], elapsed: Optional[float],
+                       error: Optional[BaseException]) -> None:
+        """Count an attempt that is retried: metrics, breaker, fleet, listeners; INFO."""
+        rt = self.rt
+        now = rt.clock.monotonic()
+        if self.token == TRIAL:
+            rt.breaker.trial_finished(False)   # the next attempt asks the breaker again
+            rt.metrics.record(events, elapsed, now - self.start, now)
+        else:
+            health = rt.metrics.record(events, elapsed, now - self.start, now)
+            if health is not None:
+                rt.breaker.evaluate(health)
+        store = rt.store
+        if store is not None:
+            store.pending.append((rt.command_key, events, rt.clock.wall()))
+        if rt.component._listeners:
+            rt.component._emit(rt.command_key, events)
+        self.prior += events
+        self.events = self.prior
+        if log.isEnabledFor(logging.INFO):
+            log.info('%s %s: %s -> RETRY (%d of %d)', rt.command_key, events[0].value,
+                     '%s: %s' % (type(error).__name__, error) if error is not None else '-',
+                     self.retries + 1, rt.retry.attempts)   # type: ignore[union-attr]
+
+    def record(self, events: Tuple[Event, ...], elapsed: Optional[float],
+               cause: Optional[BaseException], error: Optional[CommandError] = None) -> None:
+        """The last attempt's record; the call's events are all its attempts'."""
+        if self.exhausted and len(events) > 1:   # (events of one: a success, a bad request)
+            events = (events[0], RETRY_BUDGET_EXHAUSTED) + events[1:]
+        _Execution.record(self, events, elapsed, cause, error)  # type: ignore[arg-type]
+        if self.prior:
+            self.events = self.prior + self.events
+
+    def work_attempt(self, release: Callable[[], Any], command: 'Command', attempt: int,
+                     hand_over: Optional[Callable[[Any], None]] = None) -> Any:
+        """:meth:`_Execution.work` for attempt number ``attempt``; a stale one is skipped."""
+        if attempt != self.retries:   # queued while its attempt timed out, and another began
+            release()
+            return None, None, 0.0, 0.0
+        return _Execution.work(self, release, command, hand_over)  # type: ignore[arg-type]
+
+
+def _may_retry(command: 'Command', error: Optional[BaseException]) -> bool:
+    try:
+        return bool(command.may_retry(error))
+    except Exception:   # a bug in the hook must not vanish: logged, and no retry
+        log.exception('%s.may_retry() raised; not retried', type(command).__name__)
+        return False
+
+
+def _pause(clock: Any, until: float) -> None:
+    """Wait on ``clock`` until ``until`` (a FakeClock's advance() wakes it), on this thread."""
+    if until > clock.monotonic():
+        try:
+            clock.wait_until(concurrent.futures.Future(), until)
+        except _WaitTimeout:
+            pass
+
+
+class _RetriedExecution(_Retries, _Execution):
+    """An ``execute()`` that may retry: :meth:`Command.execute` loops over its attempts."""
+
+    __slots__ = ('retries', 'prior', 'exhausted', 'last_error')
+
+    def run_attempts(self, command: 'Command') -> Any:
+        """The driver's loop: each attempt as ``execute()`` runs one, then the decision."""
+        rt = self.rt
+        clock = rt.clock
+        self.begin_retries()
+        while True:
+            self.decided = False
+            token = self.token = rt.breaker.allow_request()
+            if token == DENY:   # an open breaker stops the retries; the cause is the last error
+                return self.fall_back(command, SHORT_CIRCUITED, None, self.last_error)
+            future = rt.pool.try_submit(self.work_attempt, command, self.retries)
+            if future is None:
+                return self.fall_back(command, THREAD_POOL_REJECTED, None,
+                                      _cause(rt, THREAD_POOL_REJECTED))
+            deadline = self.attempt_deadline()
+            try:
+                if deadline is None:
+                    value, error, elapsed, finished = future.result()
+                else:
+                    value, error, elapsed, finished = clock.wait_until(future, deadline)
+                event = _classify(error, finished, deadline)
+            except _WaitTimeout:
+                self.decide()   # a run() still waiting in the queue is skipped
+                value, error, event = None, None, TIMEOUT
+                finished = clock.monotonic()
+            if event is TIMEOUT:
+                elapsed = clock.monotonic() - self.start
+            delay = self.after_attempt(command, event, error, elapsed)
+            if delay is None:
+                return self.settle(command, event, value, error, elapsed)
+            _pause(clock, finished + delay)
+
+
+class _RetriedQueuedExecution(_Retries, _QueuedExecution):
+    """A ``queue()`` that may retry: between attempts an IOLoop timer, never a sleep."""
+
+    __slots__ = ('retries', 'prior', 'exhausted', 'last_error', 'deadline')
+
+    def run_attempt(self) -> None:
+        """Start one attempt, as ``queue()`` starts the first."""
+        command = self.command
+        if command is None or self.future.cancelled():
+            return   # answered already, or its caller gave up while it waited
+        rt = self.rt
+        self.decided = False
+        self.timer = None
+        self.timer_taken = False
+        token = self.token = rt.breaker.allow_request()
+        deadline = self.deadline = self.attempt_deadline()
+        if token == DENY:
+            self.fall_back(command, SHORT_CIRCUITED, None, self.last_error)
+        elif rt.run_is_async:
+            self.start_coroutine(command)
+        elif rt.pool.try_submit(self.work_attempt, command, self.retries,
+                                self.hand_over) is None:
+            self.fall_back(command, THREAD_POOL_REJECTED, None,
+                           _cause(rt, THREAD_POOL_REJECTED))
+        elif deadline is not None:
+            self.arm_timer(deadline - rt.clock.monotonic())
+
+    def arm_timer(self, delay: float) -> None:
+        # start_coroutine() arms the call's whole timeout: an attempt has its share of it
+        deadline = self.deadline
+        if deadline is not None:
+            delay = min(delay, deadline - self.rt.clock.monotonic())
+        _QueuedExecution.arm_timer(self, delay)
+
+    def run_returned(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+        if self.decide():
+            value, error, elapsed, finished = outcome
+            self.settle(self.command, _classify(error, finished, self.deadline), value, error,
+                        elapsed)
+
+    def timed_out(self) -> None:
+        if self.decide():
+            self.settle(self.command, TIMEOUT, None, None,
+                        self.rt.clock.monotonic() - self.start)
+
+    def settle(self, command: 'Command', event: Event, value: Any,
+               error: Optional[BaseException], elapsed: float) -> Any:
+        delay = self.after_attempt(command, event, error, elapsed)
+        if delay is None:
+            return _QueuedExecution.settle(self, command, event, value, error, elapsed)
+        self.timer = self.rt.clock.call_later(self.loop, delay, self.run_attempt)
+        return None
 
 
 def _nothing() -> None:
@@ -756,6 +998,18 @@ class Command:
     #: cache (once per key per request context). False: every call runs, and none needs
     #: a request context. Only matters when the class defines ``cache_key()``.
     request_cache_enabled: bool = True
+    #: Retries (see the guide's "Retries with a budget"): extra attempts after the first,
+    #: the backoff's base in seconds (exponential, full jitter), what is retried, whether a
+    #: timed-out attempt is, and the command key's budget.
+    retry_attempts: int = COMMAND_DEFAULTS['retry_attempts']
+    retry_backoff: float = COMMAND_DEFAULTS['retry_backoff']
+    retry_on: Tuple[type, ...] = COMMAND_DEFAULTS['retry_on']
+    retry_on_timeout: bool = False
+    retry_budget_percent: float = COMMAND_DEFAULTS['retry_budget_percent']
+    retry_budget_min_per_second: float = COMMAND_DEFAULTS['retry_budget_min_per_second']
+    #: An adaptive limit for an ``async def run()``'s own semaphore (a dict, as an executor
+    #: pool's ``concurrency_limit``); ``max_concurrent_requests`` is then its ceiling.
+    concurrency_limit: Optional[Dict[str, Any]] = None
 
     # The one piece of the pipeline's state on the instance: its execution, once it ran
     # (name-mangled, so that a subclass's own attributes cannot meet it). The class-level
@@ -790,6 +1044,13 @@ class Command:
         it runs wait for it. Called on the caller's thread before anything else.
         """
         return None
+    def may_retry(self, error: Optional[BaseException]) -> bool:
+        """Whether a failed attempt may be tried again (``error`` None: it timed out).
+
+        Asked only when ``retry_attempts`` and ``retry_on`` would retry it; override to
+        refuse what cannot be replayed (:class:`~blackgate.HTTPProxyCommand` does).
+        """
+        return True
 
     # -- the drivers: they only wait; the decisions are _Execution's ------------------
 
@@ -817,6 +1078,14 @@ class Command:
             key = self.__in_context(rt, context)
             if key is not None:
                 return self.__execute_cached(rt, context, key)  # type: ignore[arg-type]
+        if rt.retry is not None:   # retry_attempts: the attempts' loop, in the core
+            retried = _RetriedExecution()
+            retried.rt, retried.start = rt, rt.clock.monotonic()
+            retried.events, retried.exception, retried.execution_time = (), None, None
+            retried.decided = False
+            if self.__dict__.setdefault('_Command__execution', retried) is not retried:
+                self.__ran_already()
+            return retried.run_attempts(self)
         clock = rt.clock
         ex = _Execution()   # as _begin() makes one, without its frame
         ex.rt = rt
@@ -867,6 +1136,13 @@ class Command:
             key = self.__in_context(rt, context)
             if key is not None:
                 return self.__queue_cached(rt, context, key, loop)  # type: ignore[arg-type]
+        if rt.retry is not None:   # retry_attempts: attempts started by the core, timers between
+            retried = _RetriedQueuedExecution(rt, rt.clock.monotonic(), self, loop)
+            if self.__dict__.setdefault('_Command__execution', retried) is not retried:
+                self.__ran_already()
+            retried.begin_retries()
+            retried.run_attempt()
+            return retried.future
         ex = _QueuedExecution(rt, rt.clock.monotonic(), self, loop)
         if self.__dict__.setdefault('_Command__execution', ex) is not ex:   # atomic: one wins
             self.__ran_already()

@@ -28,6 +28,10 @@ class Event(str, enum.Enum):
     #: This execution answered a batch of collapsed requests (see ``Collapser``);
     #: the rolling count is the number of requests, as in Hystrix.
     COLLAPSED = 'COLLAPSED'
+    #: a failed attempt is tried again (one per extra attempt; see ``retry_attempts``)
+    RETRY = 'RETRY'
+    #: a retry was wanted, and the command key's retry budget refused it
+    RETRY_BUDGET_EXHAUSTED = 'RETRY_BUDGET_EXHAUSTED'
 
     def __str__(self) -> str:
         return self.value

@@ -19,10 +19,11 @@ import itertools
 import threading
 from typing import Any, Callable, List, Optional
 
-from .config import PoolSettings
+from .config import LimitSettings, PoolSettings
+from .limits import ConcurrencyLimit, new_limit
 from .workers import Workers
 
-__all__ = ('ExecutorPool', 'Permits')
+__all__ = ('ExecutorPool', 'Permits', 'LimitedPermits')
 
 
 class Permits:
@@ -69,15 +70,61 @@ class Permits:
         """Permits taken now."""
         return min(len(self._held), self.limit)
 
+    def try_take(self) -> Optional[Callable[[], None]]:
+        """:meth:`try_acquire`, as the ``release`` to call once the work ends, or None."""
+        return self.release if self.try_acquire() else None
+
     def __repr__(self) -> str:
         return '<Permits %d/%d>' % (len(self._held), self.limit)
+
+
+class LimitedPermits(Permits):
+    """Permits whose limit is learned: an ``async def run()``'s semaphore with a ``concurrency_limit``.
+
+    :meth:`try_take` times each permit from when it is taken to when it is given
+    back, and feeds the limit with it, as :class:`ExecutorPool` does for a pool.
+    """
+
+    __slots__ = ('limiter', 'clock', 'drop_after', '_limit_lock')
+
+    def __init__(self, settings: LimitSettings, clock: Any,
+                 drop_after: Optional[float] = None) -> None:
+        self.limiter = new_limit(settings)
+        super().__init__(self.limiter.limit)
+        self.clock = clock
+        #: a permit held this long (seconds: the command's timeout) counts as dropped
+        self.drop_after = float('inf') if drop_after is None else drop_after
+        self._limit_lock = threading.Lock()
+
+    def try_take(self) -> Optional[Callable[[], None]]:
+        if not self.try_acquire():
+            return None
+        clock = self.clock
+        start = clock.monotonic()
+        inflight = len(self._held)
+        held = self._held
+
+        def release() -> None:
+            held.pop()
+            now = clock.monotonic()
+            rtt = now - start
+            with self._limit_lock:
+                self.limit = self.limiter.sample(now, start, rtt, inflight,
+                                                 rtt >= self.drop_after)
+
+        return release
+
+    def __repr__(self) -> str:
+        return '<LimitedPermits %d/%d, learned>' % (len(self._held), self.limit)
 
 
 class ExecutorPool:
     """The thread pool of one ``group_key``, with fail-fast admission."""
 
-    def __init__(self, settings: PoolSettings) -> None:
+    def __init__(self, settings: PoolSettings, clock: Any = None) -> None:
         self.settings = settings
+        #: the clock the adaptive limit's samples are timed by (the registry's)
+        self.clock = clock
         #: the group whose commands this pool runs
         self.group_key = settings.group_key
         #: worker threads
@@ -101,6 +148,15 @@ class ExecutorPool:
             next(completions)
 
         self._release = release
+        #: the adaptive limit (``concurrency_limit``), or None: see :attr:`limit`
+        self.limiter: Optional[ConcurrencyLimit] = None
+        #: executions that take at least this long (seconds) count as dropped by the
+        #: limit: the shortest timeout of the commands using the pool (see note_timeout)
+        self.drop_after = float('inf')
+        if settings.concurrency_limit is not None:
+            self.limiter = new_limit(settings.concurrency_limit)
+            slots.limit = self.limiter.limit
+            self._limit_lock = threading.Lock()
         self._largest = 0
         #: True once shutdown() was called: every submission is refused (or passed on)
         self.is_shut_down = False
@@ -128,8 +184,10 @@ class ExecutorPool:
             with self._lock:
                 if admitted > self._largest:
                     self._largest = admitted
+        # (with an adaptive limit, a release per admission that times the work: see there)
+        release = self._release if self.limiter is None else self._limited_release(admitted)
         try:
-            return self._executor.submit(fn, self._release, *args)
+            return self._executor.submit(fn, release, *args)
         except RuntimeError:  # shut down: refuse like a full pool, unless replaced meanwhile
             if self.successor is not None:
                 slots.release()
@@ -161,7 +219,53 @@ class ExecutorPool:
             with self._lock:
                 if admitted > self._largest:
                     self._largest = admitted
+        if self.limiter is not None:
+            return self._limited_release(admitted)
         return self._release
+
+    # -- the adaptive limit ---------------------------------------------------------------
+
+    @property
+    def limit(self) -> Optional[int]:
+        """The adaptive limit now: work admitted at once beyond it is rejected.
+
+        None for a pool without ``concurrency_limit`` (its bound is ``max_workers +
+        max_queue_size``). Never more than ``max_workers``.
+        """
+        limiter = self.limiter
+        return None if limiter is None else limiter.limit
+
+    def note_timeout(self, timeout: Optional[float]) -> None:
+        """A command with this ``timeout`` (None: disabled) runs here; see :attr:`drop_after`."""
+        if timeout is not None and timeout < self.drop_after:
+            self.drop_after = timeout
+
+    def _limited_release(self, inflight: int) -> Callable[[], None]:
+        # One closure per admission, only for a pool with a limit: it knows when its work
+        # was admitted, and feeds the limit when the work gives its slot back.
+        clock = self.clock
+        start = clock.monotonic()
+        release_slot = self._slots._held.pop
+        completions = self._completions
+
+        def release() -> None:
+            release_slot()
+            next(completions)
+            now = clock.monotonic()
+            self.record(now, start, now - start, inflight)
+
+        return release
+
+    def record(self, now: float, start: float, rtt: float, inflight: int,
+               dropped: Optional[bool] = None) -> None:
+        """Feed the limit one finished execution (``dropped`` None: judged by ``drop_after``)."""
+        limiter = self.limiter
+        if limiter is None:
+            return
+        if dropped is None:
+            dropped = rtt >= self.drop_after
+        with self._limit_lock:   # short: arithmetic on a few floats, no user code
+            self._slots.limit = limiter.sample(now, start, rtt, inflight, dropped)
 
     @property
     def rejected_count(self) -> int:
@@ -186,9 +290,15 @@ class ExecutorPool:
         return count
 
     @property
+    def _occupied(self) -> int:
+        # Slots taken now; not the permits' in_use, which an adaptive limit that just
+        # shrank would cut short (work admitted under the old limit still runs).
+        return min(len(self._slots._held), self._capacity)
+
+    @property
     def in_flight(self) -> int:
         """Work admitted and not finished: running plus waiting."""
-        return self._slots.in_use
+        return self._occupied
 
     @property
     def completed_count(self) -> int:
@@ -201,12 +311,12 @@ class ExecutorPool:
     @property
     def active_count(self) -> int:
         """Workers busy right now (a timed-out ``run()`` keeps its worker busy)."""
-        return min(self._slots.in_use, self.max_workers)
+        return min(self._occupied, self.max_workers)
 
     @property
     def queue_size(self) -> int:
         """Work waiting for a worker."""
-        return max(0, self._slots.in_use - self.max_workers)
+        return max(0, self._occupied - self.max_workers)
 
     @property
     def largest_active_count(self) -> int:
@@ -233,6 +343,9 @@ class ExecutorPool:
         return self._executor.shutdown(wait=wait, timeout=timeout)
 
     def __repr__(self) -> str:
+        if self.limiter is not None:
+            return '<ExecutorPool %s %d/%d active, limit %d>' % (
+                self.group_key, self.active_count, self.max_workers, self.limiter.limit)
         return '<ExecutorPool %s %d/%d active, %d/%d queued>' % (
             self.group_key, self.active_count, self.max_workers, self.queue_size,
             self.max_queue_size)

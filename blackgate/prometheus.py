@@ -37,6 +37,8 @@ a Tornado handler: see ``examples/prometheus_metrics.py`` and
 ``blackgate_circuit_breaker_open``                         gauge      1 while short-circuiting
 ``blackgate_circuit_breaker_state{state}``                 gauge      1 for the current state
 ``blackgate_circuit_breaker_transitions_total{from,to}``   counter    the breaker's moves
+``blackgate_command_retries_total{kind}``                  counter    retries, and those the
+                                                                      budget refused
 ``blackgate_pool_*``                                       (several)  the executor pools
 ``blackgate_collapser_batches_total``                      counter    batches sent (label
                                                                       ``collapser``)
@@ -216,6 +218,11 @@ class BlackgateCollector:
                     totals[kind] = totals.get(kind, 0) + cumulative.counts[event]
                 for kind, count in totals.items():
                     families[family].add_metric(labels + [kind], count)
+            retried = cumulative.counts[Event.RETRY]
+            refused = cumulative.counts[Event.RETRY_BUDGET_EXHAUSTED]
+            if retried or refused or registry.retry_budget(command_key) is not None:
+                families['retries'].add_metric(labels + ['retry'], retried)
+                families['retries'].add_metric(labels + ['budget_exhausted'], refused)
             for family, histogram in (('latency', cumulative.latency),
                                       ('total_latency', cumulative.total_latency)):
                 families[family].add_metric(labels, _buckets(histogram), histogram.seconds)
@@ -246,6 +253,8 @@ class BlackgateCollector:
             families['queued'].add_metric(labels, pool.queue_size)
             families['completed'].add_metric(labels, pool.completed_count)
             families['rejected'].add_metric(labels, pool.rejected_count)
+            if pool.limit is not None:   # only a pool with an adaptive limit has one
+                families['limit'].add_metric(labels, pool.limit)
         for collapser_key in registry.collapser_keys:
             counts, sizes = registry.collapser_metrics(collapser_key).cumulative()
             if not counts['batches']:   # looked up, never sent a batch: nothing to say
@@ -272,6 +281,11 @@ class BlackgateCollector:
                 'blackgate_command_fallback_calls',
                 'What the fallbacks of failed calls did (kind), since the command key was '
                 'first used.', labels=command + ['kind']),
+            'retries': CounterMetricFamily(
+                'blackgate_command_retries',
+                'Failed attempts tried again (kind=retry), and retries the retry budget '
+                'refused (kind=budget_exhausted), since the command key was first used; '
+                'only for commands that retry.', labels=command + ['kind']),
             'latency': HistogramMetricFamily(
                 'blackgate_command_latency_seconds', 'Execution time of run().',
                 labels=command, unit='seconds'),
@@ -333,6 +347,10 @@ class BlackgateCollector:
             'rejected': CounterMetricFamily(
                 'blackgate_pool_rejected', 'Submissions refused since the pool started.',
                 labels=pool),
+            'limit': GaugeMetricFamily(
+                'blackgate_pool_concurrency_limit',
+                'The adaptive concurrency limit now: work admitted at once beyond it is '
+                'rejected (pools with a concurrency_limit only).', labels=pool),
             'batches': CounterMetricFamily(
                 'blackgate_collapser_batches', 'Batches a collapser sent.',
                 labels=_COLLAPSER_LABELS),

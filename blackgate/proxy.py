@@ -38,7 +38,7 @@ import logging
 import math
 import re
 import urllib.parse
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, cast
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple, cast
 
 import tornado.httputil
 import tornado.iostream
@@ -128,6 +128,11 @@ class UpstreamServerError(UpstreamError):
     def __init__(self, response: Dict[str, Any]) -> None:
         #: the upstream's response dict, as :attr:`HTTPProxyCommand.response`
         self.response = response
+        #: seconds its ``Retry-After`` asked to wait (a retry waits at least that), or None
+        self.retry_after: Optional[float] = None
+        for name, value in response.get('headers') or ():
+            if name.lower() == 'retry-after' and str(value).strip().isdigit():
+                self.retry_after = float(str(value).strip())
         super().__init__('upstream answered %s %s'
                          % (response.get('status_code'), response.get('reason') or ''))
 
@@ -257,6 +262,11 @@ class HTTPProxyCommand(Command):
     #: or longer one streams. An event stream never waits.
     body_buffer_window: float = 0.05
 
+    #: The methods a command with ``retry_attempts`` may retry: the idempotent ones
+    #: (RFC 9110 §9.2.2). Add ``'POST'`` for an upstream whose POSTs are idempotent.
+    retry_methods: FrozenSet[str] = frozenset(('GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE',
+                                               'TRACE'))
+
     # Set by HTTPProxy when it expects a refusal (the breaker is open) and so has not
     # built the request dict: run() builds it, should the command be let through after all.
     _proxy_build_request: Optional[Any] = None
@@ -279,6 +289,17 @@ class HTTPProxyCommand(Command):
         #: (an :class:`UpstreamBody` while the body streams, else None).
         self.response: Optional[Dict[str, Any]] = None
 
+    def may_retry(self, error: Optional[BaseException]) -> bool:
+        """Only what can be replayed is retried: an idempotent method, a body held whole.
+
+        A body that streams upstream is committed once it starts flowing (gRPC's
+        retry design, A6): it cannot be sent again.
+        """
+        request = self.request
+        if request is None or request.get('method') not in self.retry_methods:
+            return False
+        return not isinstance(request.get('body'), _RequestBody)
+
     def before_request(self) -> None:
         """Set ``self.request['url']`` to the upstream URL; change the request if needed.
 
@@ -296,6 +317,9 @@ class HTTPProxyCommand(Command):
 
     async def run(self) -> Dict[str, Any]:
         """``before_request()``, one upstream exchange, ``after_response()``; the response."""
+        if self.response is not None:   # a retry (see may_retry): the answer not taken
+            _close_body(self.response)
+            self.response = None
         if self.request is None and self._proxy_build_request is not None:
             request = self._proxy_build_request()
             if request is None:   # the handler has answered 400 already

@@ -31,7 +31,8 @@ from .context import RequestContext, RequestLog, Scope, current
 from .errors import BlackgateError, ConfigError, PoolNotRegistered
 from .events import BreakerState, Event
 from .metrics import RollingMetrics
-from .pools import ExecutorPool, Permits
+from .pools import ExecutorPool, LimitedPermits, Permits
+from .retry import RetryBudget
 
 __all__ = ('Component', 'component', 'KeyState')
 
@@ -46,7 +47,8 @@ _LISTENER_METHODS = ('on_event', 'on_state_change', 'on_reset')
 class KeyState:
     """Everything one command key owns: settings, breaker, metrics and permits."""
 
-    __slots__ = ('settings', 'breaker', 'metrics', 'run_permits', 'fallback_permits', 'owner')
+    __slots__ = ('settings', 'breaker', 'metrics', 'run_permits', 'fallback_permits', 'owner',
+                 'retry_budget', '_clock')
 
     def __init__(self, settings: CommandSettings, owner: Optional[str], clock,
                  notify: Callable[[str, BreakerState, BreakerState], None]) -> None:
@@ -54,8 +56,37 @@ class KeyState:
         self.owner = owner
         self.metrics = _new_metrics(settings, clock)
         self.breaker = CircuitBreaker(settings, self.metrics, clock, notify)
-        self.run_permits = Permits(settings.max_concurrent_requests)
+        self._clock = clock
+        self.run_permits = self._new_run_permits(settings)
         self.fallback_permits = Permits(settings.fallback_max_concurrent_requests)
+        #: the key's retry budget (blackgate.retry), or None while it makes no retries
+        self.retry_budget: Optional[RetryBudget] = None
+        self._apply_budget(settings)
+
+    def _apply_budget(self, settings: CommandSettings) -> None:
+        budget = self.retry_budget
+        if not settings.retry_attempts:
+            self.retry_budget = None
+        elif (budget is None or budget.percent != settings.retry_budget_percent
+              or budget.min_per_second != settings.retry_budget_min_per_second):
+            self.retry_budget = RetryBudget(settings.retry_budget_percent,
+                                            settings.retry_budget_min_per_second, self._clock)
+
+    def _new_run_permits(self, settings: CommandSettings) -> Permits:
+        if settings.concurrency_limit is None:
+            return Permits(settings.max_concurrent_requests)
+        return LimitedPermits(settings.concurrency_limit, self._clock,
+                              settings.timeout if settings.timeout_enabled else None)
+
+    def set_clock(self, clock) -> None:
+        """Time the key's metrics, breaker and budget by ``clock`` from now on."""
+        self._clock = clock
+        self.metrics.clock = clock
+        self.breaker.clock = clock
+        if self.retry_budget is not None:
+            self.retry_budget.clock = clock
+        if isinstance(self.run_permits, LimitedPermits):
+            self.run_permits.clock = clock
 
     def apply(self, settings: CommandSettings) -> None:
         """Take new settings, in place: the counts restart only if the window's shape changed."""
@@ -64,8 +95,20 @@ class KeyState:
                                settings.metrics_health_snapshot_interval,
                                settings.circuit_breaker_count_rejections)
         self.breaker.settings = settings
-        self.run_permits.limit = settings.max_concurrent_requests
+        permits = self.run_permits
+        limited = isinstance(permits, LimitedPermits)
+        if limited or settings.concurrency_limit is not None:
+            if not isinstance(permits, LimitedPermits) \
+                    or permits.limiter.settings != settings.concurrency_limit:
+                # a new learned limit (those holding the old permits give them back there)
+                self.run_permits = self._new_run_permits(settings)
+            else:
+                permits.drop_after = (settings.timeout if settings.timeout_enabled
+                                      else float('inf'))
+        else:
+            self.run_permits.limit = settings.max_concurrent_requests
         self.fallback_permits.limit = settings.fallback_max_concurrent_requests
+        self._apply_budget(settings)
 
 
 def _new_metrics(settings: CommandSettings, clock) -> RollingMetrics:
@@ -279,6 +322,10 @@ class Component:
         """The rolling metrics of ``command_key``."""
         return self._key_state(command_key).metrics
 
+    def retry_budget(self, command_key: str) -> Optional[RetryBudget]:
+        """The retry budget of ``command_key``, or None while it makes no retries."""
+        return self._key_state(command_key).retry_budget
+
     def pool(self, group_key: str) -> ExecutorPool:
         """The executor pool of ``group_key``."""
         with self._lock:
@@ -382,10 +429,11 @@ class Component:
         with self._lock:
             self._clock = clock
             for state in self._keys.values():
-                state.metrics.clock = clock
-                state.breaker.clock = clock
+                state.set_clock(clock)
             for metrics in self._collapser_metrics.values():
                 metrics.clock = clock
+            for pool in self._pools.values():
+                pool.clock = clock
             if self._store is not None:
                 self._store.clock = clock
             self._runtimes.clear()
@@ -461,6 +509,9 @@ class Component:
             else:
                 _check_same_key(state.owner, state.settings, cls.__qualname__, settings)
             pool = self._pool_for(settings.group_key) if needs_pool else None
+            if pool is not None and pool.limiter is not None:
+                # its adaptive limit counts an execution this long as dropped (a TIMEOUT)
+                pool.note_timeout(settings.timeout if settings.timeout_enabled else None)
             self._classes[cls] = (command_key, dict(class_values))
             return settings, state, pool
 
@@ -495,7 +546,7 @@ class Component:
         old = self._pools.get(settings.group_key)
         if old is not None and old.settings == settings and not old.is_shut_down:
             return old
-        pool = self._pools[settings.group_key] = ExecutorPool(settings)
+        pool = self._pools[settings.group_key] = ExecutorPool(settings, self._clock)
         if old is not None:
             old.retire(pool)   # calls still holding it are passed on; its work drains
         return pool

@@ -207,6 +207,12 @@ def command_sample(command_key: str, registry: Optional[Component] = None,
         # Blackgate's own: Hystrix's boolean cannot tell HALF_OPEN (one trial out) from OPEN.
         'circuitBreakerState': state.value,
     })
+    retried = counts[Event.RETRY]
+    refused = counts[Event.RETRY_BUDGET_EXHAUSTED]
+    if settings.retry_attempts or retried or refused:   # Blackgate's own: retries (§10)
+        sample['rollingCountRetry'] = retried
+        sample['rollingCountRetryBudgetExhausted'] = refused
+        sample['propertyValue_retryAttempts'] = settings.retry_attempts
     return sample
 
 
@@ -240,7 +246,7 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
     # A pool's Workers never stop a thread before shutdown: the threads they have
     # started are the pool's size now, and the largest it ever had.
     threads = pool.pool_size
-    return {
+    sample = {
         'type': 'HystrixThreadPool',
         'name': group_key,
         'currentTime': _ms(registry.clock.wall() if now is None else now),
@@ -262,6 +268,10 @@ def pool_sample(group_key: str, registry: Optional[Component] = None,
         # Blackgate's own: refusals since the pool started (full, or shut down).
         'cumulativeCountThreadPoolRejected': pool.rejected_count,
     }
+    limit = pool.limit
+    if limit is not None:   # Blackgate's own: the adaptive limit now (concurrency_limit)
+        sample['currentConcurrencyLimit'] = limit
+    return sample
 
 
 def collapser_sample(collapser_key: str, registry: Optional[Component] = None,

@@ -475,6 +475,9 @@ def test_the_dashboard_in_headless_chromium_shows_commands_counts_and_an_open_br
                                       ('recommendations', 3, 0), ('inventory', 2, 2)):
         component.add('executor_pool', {'group_key': group_key, 'max_workers': workers,
                                         'max_queue_size': queue})
+    # one pool with an adaptive limit, which its row shows beside the workers
+    component.add('executor_pool', {'group_key': 'recommendations', 'max_workers': 3,
+                                    'concurrency_limit': {'algorithm': 'aimd', 'initial': 3}})
     component.install()
     random.seed(5)
     live = LiveApp()
@@ -509,6 +512,8 @@ def test_the_dashboard_in_headless_chromium_shows_commands_counts_and_an_open_br
     pools = {pool['name']: pool for pool in page['pools']}
     assert {'default', 'users', 'pricing', 'recommendations', 'inventory'} <= set(pools)
     assert shown(pools['users']['executions']) > 0
+    assert ' · limit ' in pools['recommendations']['busy']
+    assert 'limit' not in pools['users']['busy']
     screenshot = (tmp_path / 'dashboard.png').read_bytes()
     assert screenshot.startswith(b'\x89PNG\r\n\x1a\n') and len(screenshot) > 20_000
     target = os.environ.get('BLACKGATE_SCREENSHOT')
