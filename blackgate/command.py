@@ -28,14 +28,14 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .breaker import DENY, TRIAL
 from .clock import TimeoutError as _WaitTimeout
 from .config import COMMAND_DEFAULTS, CommandSettings, check_class_attributes, check_value
-from .context import REQUEST_CONTEXT, CachedOutcome, RequestContext
+from .context import REQUEST_CONTEXT, RequestContext
 from .errors import (BadRequest, BlackgateError, CommandError, CommandTimeout, Rejected,
                      ShortCircuited)
 from .events import FAILURE_TYPE_OF, Event, FailureType
 from .logs import BUG_ATTRIBUTE, PROGRAMMING_ERRORS
 from .pools import LimitedPermits
 from .registry import component
-from .retry import BUDGET_EXHAUSTED, GIVE_UP, RetryPolicy
+from .retry import GIVE_UP, RetryPolicy
 
 __all__ = ('Command', 'DeferredOutcome')
 

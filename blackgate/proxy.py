@@ -298,7 +298,7 @@ class HTTPProxyCommand(Command):
         request = self.request
         if request is None or request.get('method') not in self.retry_methods:
             return False
-        return not isinstance(request.get('body'), _RequestBody)
+        return not isinstance(request.get('body'), exchange.RequestBody)
 
     def before_request(self) -> None:
         """Set ``self.request['url']`` to the upstream URL; change the request if needed.

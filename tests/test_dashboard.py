@@ -391,6 +391,7 @@ class Browser:
             await self.call('Browser.close')
         except Exception:
             pass
+        self.connection.close()   # its socket, before this loop ends
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
