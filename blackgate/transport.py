@@ -44,6 +44,9 @@ _HEAD_END = re.compile(rb'\r?\n\r?\n')
 MAX_BUFFER = CHUNK_SIZE * 4
 _STATUS_LINE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (.*))?')
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A head that needs none of parse_head()'s repairs, in one match (the common case).
+_CLEAN_HEAD = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r\n"
+                         r"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*)\r\n")
 # The request fields as one block: each a token, a colon and a value without CR, LF or NUL.
 _FIELD_BLOCK = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+: [^\r\n\x00]*\r\n)*")
 _CHUNK_SIZE_LINE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n')
@@ -629,6 +632,14 @@ def parse_head(data: bytes) -> ResponseHead:
     no field makes the whole response malformed.
     """
     text = data.decode('latin-1')
+    clean = _CLEAN_HEAD.fullmatch(text)
+    if clean is not None:   # CRLF lines, no fold, no bare CR, no space before a colon
+        version, status, reason, block = clean.groups()
+        fields = []
+        for line in block.split('\r\n')[:-1]:
+            name, _, value = line.partition(':')
+            fields.append((name, value.strip(' \t')))
+        return ResponseHead(10 if version == '0' else 11, int(status), reason or '', fields)
     lines = text.split('\n')
     status_line = _line(lines[0])
     match = _STATUS_LINE.fullmatch(status_line)
