@@ -75,7 +75,7 @@ class _Runtime:
 
     __slots__ = ('command_key', 'name', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'group_admission', 'component', 'store')
+                 'group_admission', 'component', 'store', 'emit')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -99,7 +99,8 @@ class _Runtime:
         self.group_admission = group_admission
         self.has_fallback = settings.fallback_enabled and cls.fallback is not Command.fallback
         self.component = registry
-        self.store = registry._store   # fleet mode's state store, or None
+        self.store = registry.state_store   # fleet mode's state store, or None
+        self.emit = registry.emitter        # to the listeners, or None if there are none
 
 
 def _class_values(cls: type) -> Dict[str, Any]:
@@ -114,16 +115,36 @@ def _class_values(cls: type) -> Dict[str, Any]:
     return values
 
 
+# class -> its runtime: the hot path's one lookup. Owned here; the registry says when it
+# is stale (install(), shutdown(), reset(), a new clock, a listener added or removed).
+_RUNTIMES: Dict[type, _Runtime] = {}
+_RUNTIMES_LOCK = threading.Lock()   # one builder at a time; taken before the registry's
+_cleared = [0]                      # how many times the registry cleared the cache
+
+
+def _invalidate() -> None:
+    """The registry's hook (called under its lock: takes no lock of its own)."""
+    _cleared[0] += 1
+    _RUNTIMES.clear()
+
+
 def _runtime(cls: type) -> _Runtime:
-    runtime = component._runtimes.get(cls)
+    runtime = _RUNTIMES.get(cls)
     if runtime is None:
-        # Built and published under the registry's lock, so that an install() running
-        # at the same moment cannot leave a runtime with its old pool and settings behind.
-        with component._lock:
-            runtime = component._runtimes.get(cls)
+        with _RUNTIMES_LOCK:
+            runtime = _RUNTIMES.get(cls)
             if runtime is None:
-                runtime = component._runtimes[cls] = _Runtime(cls, component)
+                seen = _cleared[0]
+                runtime = _RUNTIMES[cls] = _Runtime(cls, component)
+                if _cleared[0] != seen and _RUNTIMES.get(cls) is runtime:
+                    # An install() ran while it was built: it may hold the old pool or
+                    # settings, so this call uses it and nobody keeps it. (One that runs
+                    # after this check clears it itself.)
+                    del _RUNTIMES[cls]
     return runtime
+
+
+component.add_invalidation_hook(_invalidate)
 
 
 
@@ -196,6 +217,12 @@ def _classify(error: Optional[BaseException], finished: float,
     if isinstance(error, BadRequest):
         return BAD_REQUEST
     return FAILURE
+
+
+#: what a worker hands back: the event run() counts as (see _classify), its value, its
+#: exception, and the seconds it took
+_Outcome = Tuple[Event, Any, Optional[BaseException], float]
+_SKIPPED: Any = (None, None, None, 0.0)   # a run() skipped: its caller had its answer
 
 
 class _Execution:
@@ -271,18 +298,18 @@ class _Execution:
     # -- on a worker thread --------------------------------------------------------
 
     def work(self, release: Callable[[], Any], command: 'Command',
-             hand_over: Optional[Callable[[Any], None]] = None
-             ) -> Tuple[Any, Optional[BaseException], float, float]:
-        """On a worker thread: run(), and how long it took and when it finished.
+             hand_over: Optional[Callable[['_Outcome'], None]] = None) -> '_Outcome':
+        """On a worker thread: run(), classified, with its value or exception and its time.
 
         Frees the pool slot (``release``) before ``hand_over`` wakes the IOLoop, so that
-        whoever the result wakes finds the pool free again.
+        whoever the result wakes finds the pool free again. (Classified here, off the
+        waiting thread: right after its wake-up every step costs it three times as much.)
         """
         if self.decided:
             # Timed out while waiting in the pool's queue: the caller has its answer, and
             # nobody wants this call made any more (Hystrix skips it too).
             release()
-            return None, None, 0.0, 0.0
+            return _SKIPPED
         rt = self.rt
         metrics = rt.metrics
         monotonic = rt.clock.monotonic
@@ -295,7 +322,9 @@ class _Execution:
         finished = monotonic()
         metrics.execution_finished()
         release()
-        outcome = value, error, finished - started, finished
+        timeout = rt.timeout
+        outcome = (_classify(error, finished, None if timeout is None else self.start + timeout),
+                   value, error, finished - started)
         if hand_over is not None:
             hand_over(outcome)
         return outcome
@@ -422,8 +451,9 @@ class _Execution:
         store = rt.store
         if store is not None:   # fleet mode: counted here, sent in batches by its thread
             store.pending.append((rt.command_key, events, rt.clock.wall()))
-        if rt.component._listeners:
-            rt.component._emit(rt.command_key, events)
+        emit = rt.emit
+        if emit is not None:
+            emit(rt.command_key, events)
         primary = events[0]
         if primary is SUCCESS or primary is BAD_REQUEST:
             return
@@ -535,7 +565,7 @@ class _QueuedExecution(_Execution):
 
     # -- a run() on a worker thread ------------------------------------------------
 
-    def hand_over(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+    def hand_over(self, outcome: '_Outcome') -> None:
         """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
         try:
             self.loop.call_soon_threadsafe(self.run_returned, outcome)
@@ -543,17 +573,13 @@ class _QueuedExecution(_Execution):
             # The loop was closed while run() ran: nobody waits for the answer, but the
             # outcome still counts (and a trial must still close or re-open the breaker).
             if self.decide():
-                value, error, elapsed, finished = outcome
-                self.record((_classify(error, finished, None),), elapsed, error)
+                event, value, error, elapsed = outcome
+                self.record((event,), elapsed, error)
 
-    def run_returned(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+    def run_returned(self, outcome: '_Outcome') -> None:
         """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
         if self.decide():
-            value, error, elapsed, finished = outcome
-            timeout = self.rt.timeout
-            self.settle(self.command, _classify(
-                error, finished, None if timeout is None else self.start + timeout),
-                value, error, elapsed)
+            self.settle(self.command, *outcome)
 
     # -- an async def run() on the IOLoop ------------------------------------------
 
@@ -765,15 +791,16 @@ class Command:
         timeout = rt.timeout
         try:
             if timeout is None:
-                value, error, elapsed, finished = future.result()
-                deadline = None
+                event, value, error, elapsed = future.result()
             else:
-                deadline = ex.start + timeout
-                value, error, elapsed, finished = clock.wait_until(future, deadline)
+                event, value, error, elapsed = clock.wait_until(future, ex.start + timeout)
         except _WaitTimeout:
             ex.decide()   # a run() still waiting in the queue is skipped
             return ex.fall_back(self, TIMEOUT, clock.monotonic() - ex.start, None)
-        return ex.settle(self, _classify(error, finished, deadline), value, error, elapsed)
+        if event is SUCCESS:   # settle()'s first case, two frames shorter on the hot path
+            ex.record(_SUCCESS_ONLY, elapsed, None)
+            return value
+        return ex.settle(self, event, value, error, elapsed)
 
     def queue(self) -> 'asyncio.Future[Any]':
         """Start the command and return a future of its result; never blocks the IOLoop.
@@ -857,9 +884,16 @@ class Command:
                                                                            name))
         return ex
 
-    def _bg_timeout(self) -> Optional[float]:
-        """The timeout this command's class runs under, as resolved; None if disabled."""
-        return _runtime(type(self)).timeout
+    @property
+    def resolved_timeout(self) -> Optional[float]:
+        """The timeout, in seconds, this execution runs under; None if timeouts are off.
+
+        As resolved when the execution started (an ``install()`` since does not change
+        it: the timer already armed does not change either); before it starts, as its
+        class would run now. For a ``run()`` that gives its own I/O a deadline.
+        """
+        rt = self.__execution.rt
+        return (rt if rt is not None else _runtime(type(self))).timeout
 
     # -- what happened -----------------------------------------------------------------
 

@@ -387,7 +387,7 @@ class _Exchange:
         self.where = where
         self.pool = transport.pool()
         self.connection: Optional[transport.Connection] = None
-        self.timeout = command._bg_timeout()
+        self.timeout = command.resolved_timeout   # the armed timer's, not a fresh lookup
         self.upgrade = request.get('upgrade')
 
     async def send(self) -> transport.ResponseHead:
