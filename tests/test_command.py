@@ -1,4 +1,4 @@
-"""Command.execute() and the pipeline of DESIGN.md §5, steps 1 to 9.
+"""Command.execute() and the pipeline of docs/guide.rst (The pipeline).
 
 Time is the FakeClock's: a thread blocked in ``execute()`` times out when the
 test advances the clock. Workers are held on a ``Gate`` (a threading.Event;
@@ -679,7 +679,7 @@ def test_fallback_permit_comes_back_after_the_fallback_raises():
         assert info.value.failure_type is FailureType.COMMAND_EXCEPTION
 
 
-# -- DESIGN §1: subclasses ------------------------------------------------------------------
+# -- README: subclasses ---------------------------------------------------------------------
 
 class NoSuperInit(Command):
     def __init__(self, cookie):
