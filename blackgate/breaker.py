@@ -29,6 +29,9 @@ process succeeded), checked and announced through the same gate as the rest.
    A breaker is shared by every thread and coroutine using its command key.
    Its lock guards only the state swap; listeners and logging run after the
    lock is released. Asking for ``state`` or ``is_open()`` never changes it.
+   Lock order: the breaker's lock is taken before its rolling window's (a move
+   to CLOSED resets the counts under it), never after; the window never calls
+   the breaker (tests/test_breaker.py holds this order).
 """
 import logging
 import math
@@ -40,7 +43,7 @@ from .errors import BlackgateError
 from .events import BreakerState
 from .metrics import HealthCounts, RollingMetrics
 
-__all__ = ('CircuitBreaker', 'DENY', 'ALLOW', 'TRIAL', 'FLEET_MOVES')
+__all__ = ('CircuitBreaker', 'DENY', 'ALLOW', 'TRIAL', 'FLEET_MOVES', 'FLEET_REASONS')
 
 log = logging.getLogger('blackgate')
 
@@ -51,33 +54,47 @@ DENY, ALLOW, TRIAL = 0, 1, 2
 
 
 
+# How a move is announced: the log record's shape.
+_PLAIN, _TRIPPED, _REOPENED = range(3)
+
+
 class _Move(NamedTuple):
-    """Why a move happens, and how it is logged."""
+    """One legal move: why it happens, and how it is announced."""
 
     why: str
-    #: log the counts that tripped it
-    tripped: bool = False
-    #: log the new sleep window
-    reopened: bool = False
+    #: _TRIPPED: with the counts that tripped it; _REOPENED: with the new sleep window
+    log: int = _PLAIN
 
 
-_TRANSITIONS = {  # (from, to): why
-    (CLOSED, OPEN): _Move('error threshold reached', tripped=True),
-    (OPEN, HALF_OPEN): _Move('sleep window over'),
-    (HALF_OPEN, CLOSED): _Move('trial succeeded'),
-    (HALF_OPEN, OPEN): _Move('trial failed', reopened=True),
-    (HALF_OPEN, HALF_OPEN): _Move('trial lease over: a new trial'),
+#: whose move it is: the breaker's own, or one that follows the fleet (the store names
+#: which fleet reason; ``adopt(why=...)``)
+_LOCAL = 'local'
+_FLEET = 'fleet'
+
+# Every legal move, and the only place moves are named: (from, to, cause) -> the move.
+_MOVES = {
+    (CLOSED, OPEN, _LOCAL): _Move('error threshold reached', _TRIPPED),
+    (OPEN, HALF_OPEN, _LOCAL): _Move('sleep window over'),
+    (HALF_OPEN, CLOSED, _LOCAL): _Move('trial succeeded'),
+    (HALF_OPEN, OPEN, _LOCAL): _Move('trial failed', _REOPENED),
+    (HALF_OPEN, HALF_OPEN, _LOCAL): _Move('trial lease over: a new trial'),
+    # fleet mode: following the state the fleet agreed on
+    (CLOSED, OPEN, _FLEET): _Move('opened by the fleet'),
+    (OPEN, CLOSED, _FLEET): _Move('closed by the fleet'),
+    (HALF_OPEN, CLOSED, _FLEET): _Move('closed by the fleet'),
+    (HALF_OPEN, OPEN, _FLEET): _Move('opened by the fleet'),
+    (CLOSED, OPEN, 'fleet tripped'): _Move('error threshold reached across the fleet'),
+    (CLOSED, OPEN, 'trial elsewhere'): _Move('trial running elsewhere in the fleet'),
+    (HALF_OPEN, OPEN, 'trial elsewhere'): _Move('trial running elsewhere in the fleet'),
 }
-_RESET = _Move('reset')
+_RESET = _Move('reset')   # the one move allowed from any state
 
 #: The moves a process makes to follow its fleet's shared state (fleet mode only),
 #: with the reason listeners' logs give when the store names none.
-FLEET_MOVES = {
-    (CLOSED, OPEN): 'opened by the fleet',
-    (OPEN, CLOSED): 'closed by the fleet',
-    (HALF_OPEN, CLOSED): 'closed by the fleet',
-    (HALF_OPEN, OPEN): 'opened by the fleet',
-}
+FLEET_MOVES = {(old, new): move.why for (old, new, cause), move in _MOVES.items()
+               if cause == _FLEET}
+#: The reasons the store may name for a fleet move (``adopt(why=...)``), besides the default.
+FLEET_REASONS = frozenset(cause for (_, _, cause) in _MOVES if cause not in (_LOCAL, _FLEET))
 
 # How the settings make the breaker behave, worked out once per settings object.
 _NORMAL, _DISABLED, _FORCED_OPEN, _FORCED_CLOSED = range(4)
@@ -274,23 +291,29 @@ class CircuitBreaker:
         ``opened_at`` is when the fleet opened it, on this process's monotonic clock: the
         local sleep window never starts earlier than it did, so a process that loses Redis
         keeps one trial per sleep window. Adopting the state it is in changes nothing else.
+        ``why`` names the fleet's reason, one of :data:`FLEET_REASONS` (None: the move's
+        own, as :data:`FLEET_MOVES` gives it).
         """
-        return self._transition(None, state, version=version, opened_at=opened_at, why=why)
+        if why is not None and why not in FLEET_REASONS:
+            raise BlackgateError('adopt(why=%r): not a fleet reason; expected one of %s'
+                                 % (why, ', '.join(sorted(map(repr, FLEET_REASONS)))))
+        return self._transition(None, state, version=version, opened_at=opened_at,
+                                cause=why or _FLEET)
 
     # -- the one way the state changes ----------------------------------------------
 
     def _transition(self, expected: Optional[BreakerState], to: BreakerState,
                     now: Optional[float] = None, version: Optional[int] = None,
-                    opened_at: Optional[float] = None, why: Optional[str] = None) -> bool:
-        """Swap ``expected`` for ``to``; False if another caller moved first.
+                    opened_at: Optional[float] = None, cause: str = _LOCAL) -> bool:
+        """Swap ``expected`` for ``to``, as the table allows; False if another caller moved first.
 
         ``expected=None`` is :meth:`reset`, the one move allowed from any state, or with
-        ``version`` given, a fleet move (:data:`FLEET_MOVES`) made only if the breaker has
-        not moved since ``version`` was read.
+        ``version`` given, a fleet move (``cause`` the fleet's reason) made only if the
+        breaker has not moved since ``version`` was read.
         A move to HALF_OPEN (``now`` given) is a trial: with a healthy fleet store it
         needs the fleet's permit, and from HALF_OPEN it needs the old trial's lease over.
         """
-        if expected is not None and (expected, to) not in _TRANSITIONS:
+        if expected is not None and (expected, to, cause) not in _MOVES:
             raise BlackgateError('illegal circuit breaker transition %s -> %s' % (expected, to))
         with self._lock:
             old = self._state
@@ -301,15 +324,16 @@ class CircuitBreaker:
                     if to is OPEN and opened_at is not None and opened_at > self._opened_at:
                         self._opened_at = opened_at
                     return True
-                if (old, to) not in FLEET_MOVES:
-                    raise BlackgateError('illegal fleet transition %s -> %s' % (old, to))
-                move = _Move(why or FLEET_MOVES[old, to])
+                move = _MOVES.get((old, to, cause))
+                if move is None:
+                    raise BlackgateError('illegal fleet transition %s -> %s (%s)'
+                                         % (old, to, cause))
             elif expected is None:
                 move = _RESET
             else:
                 if old is not expected:
                     return False
-                move = _TRANSITIONS[old, to]
+                move = _MOVES[old, to, cause]
             if to is HALF_OPEN:
                 if now is None:
                     now = self.clock.monotonic()
@@ -352,11 +376,11 @@ class CircuitBreaker:
                 self._announcing.release()
 
     def _announce(self, old: BreakerState, new: BreakerState, move: _Move) -> None:
-        if move.tripped:
+        if move.log == _TRIPPED:
             health = self.metrics.health()
             log.warning('circuit %s opened (%s): %d errors in %d requests', self.command_key,
                         move.why, health.error_count, health.total_requests)
-        elif move.reopened:
+        elif move.log == _REOPENED:
             log.warning('circuit %s re-opened (%s) for %.3g s', self.command_key, move.why,
                         self._sleep_window)
         elif new is OPEN:

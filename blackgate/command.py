@@ -89,7 +89,7 @@ class _Runtime:
 
     __slots__ = ('command_key', 'name', 'settings', 'state', 'breaker', 'metrics', 'pool', 'clock',
                  'timeout', 'run_is_async', 'fallback_is_async', 'needs_loop', 'has_fallback',
-                 'group_admission', 'component', 'store', 'caches', 'retry')
+                 'group_admission', 'component', 'store', 'caches', 'retry', 'emit')
 
     def __init__(self, cls: 'type[Command]', registry) -> None:
         command_key = cls.command_key
@@ -117,7 +117,8 @@ class _Runtime:
                                   settings.retry_on, settings.retry_on_timeout)
                       if settings.retry_attempts else None)
         self.component = registry
-        self.store = registry._store   # fleet mode's state store, or None
+        self.store = registry.state_store   # fleet mode's state store, or None
+        self.emit = registry.emitter        # to the listeners, or None if there are none
         #: answered from the request cache: cache_key() is defined and the cache is on
         self.caches = settings.request_cache_enabled and cls.cache_key is not Command.cache_key
 
@@ -134,16 +135,36 @@ def _class_values(cls: type) -> Dict[str, Any]:
     return values
 
 
+# class -> its runtime: the hot path's one lookup. Owned here; the registry says when it
+# is stale (install(), shutdown(), reset(), a new clock, a listener added or removed).
+_RUNTIMES: Dict[type, _Runtime] = {}
+_RUNTIMES_LOCK = threading.Lock()   # one builder at a time; taken before the registry's
+_cleared = [0]                      # how many times the registry cleared the cache
+
+
+def _invalidate() -> None:
+    """The registry's hook (called under its lock: takes no lock of its own)."""
+    _cleared[0] += 1
+    _RUNTIMES.clear()
+
+
 def _runtime(cls: type) -> _Runtime:
-    runtime = component._runtimes.get(cls)
+    runtime = _RUNTIMES.get(cls)
     if runtime is None:
-        # Built and published under the registry's lock, so that an install() running
-        # at the same moment cannot leave a runtime with its old pool and settings behind.
-        with component._lock:
-            runtime = component._runtimes.get(cls)
+        with _RUNTIMES_LOCK:
+            runtime = _RUNTIMES.get(cls)
             if runtime is None:
-                runtime = component._runtimes[cls] = _Runtime(cls, component)
+                seen = _cleared[0]
+                runtime = _RUNTIMES[cls] = _Runtime(cls, component)
+                if _cleared[0] != seen and _RUNTIMES.get(cls) is runtime:
+                    # An install() ran while it was built: it may hold the old pool or
+                    # settings, so this call uses it and nobody keeps it. (One that runs
+                    # after this check clears it itself.)
+                    del _RUNTIMES[cls]
     return runtime
+
+
+component.add_invalidation_hook(_invalidate)
 
 
 
@@ -228,6 +249,13 @@ def _classify(error: Optional[BaseException], finished: float,
     return FAILURE
 
 
+#: what a worker hands back: the event run() counts as (see _classify), its value, its
+#: exception, and the seconds it took
+_Outcome = Tuple[Event, Any, Optional[BaseException], float]
+_SKIPPED: Any = (None, None, None, 0.0)   # a run() skipped: its caller had its answer
+_CALL_DEADLINE: Any = object()   # work(): classify by the call's own deadline
+
+
 class _Execution:
     """One execution of one command instance: its state, and its decisions.
 
@@ -301,18 +329,22 @@ class _Execution:
     # -- on a worker thread --------------------------------------------------------
 
     def work(self, release: Callable[[], Any], command: 'Command',
-             hand_over: Optional[Callable[[Any], None]] = None
-             ) -> Tuple[Any, Optional[BaseException], float, float]:
-        """On a worker thread: run(), and how long it took and when it finished.
+             hand_over: Optional[Callable[['_Outcome'], None]] = None,
+             deadline: Any = _CALL_DEADLINE) -> '_Outcome':
+        """On a worker thread: run(), classified, with its value or exception and its time.
+
+        An answer after ``deadline`` (by default the call's: its start plus ``timeout``)
+        is a ``TIMEOUT``; a retried attempt passes its own.
 
         Frees the pool slot (``release``) before ``hand_over`` wakes the IOLoop, so that
-        whoever the result wakes finds the pool free again.
+        whoever the result wakes finds the pool free again. (Classified here, off the
+        waiting thread: right after its wake-up every step costs it three times as much.)
         """
         if self.decided:
             # Timed out while waiting in the pool's queue: the caller has its answer, and
             # nobody wants this call made any more (Hystrix skips it too).
             release()
-            return None, None, 0.0, 0.0
+            return _SKIPPED
         rt = self.rt
         metrics = rt.metrics
         monotonic = rt.clock.monotonic
@@ -325,7 +357,10 @@ class _Execution:
         finished = monotonic()
         metrics.execution_finished()
         release()
-        outcome = value, error, finished - started, finished
+        if deadline is _CALL_DEADLINE:
+            timeout = rt.timeout
+            deadline = None if timeout is None else self.start + timeout
+        outcome = (_classify(error, finished, deadline), value, error, finished - started)
         if hand_over is not None:
             hand_over(outcome)
         return outcome
@@ -452,8 +487,9 @@ class _Execution:
         store = rt.store
         if store is not None:   # fleet mode: counted here, sent in batches by its thread
             store.pending.append((rt.command_key, events, rt.clock.wall()))
-        if rt.component._listeners:
-            rt.component._emit(rt.command_key, events)
+        emit = rt.emit
+        if emit is not None:
+            emit(rt.command_key, events)
         primary = events[0]
         if primary is SUCCESS or primary is BAD_REQUEST:
             return
@@ -488,8 +524,9 @@ class _Execution:
         store = rt.store
         if store is not None:
             store.pending.append((rt.command_key, events, rt.clock.wall()))
-        if rt.component._listeners:
-            rt.component._emit(rt.command_key, events)
+        emit = rt.emit
+        if emit is not None:
+            emit(rt.command_key, events)
 
     # -- the answer ----------------------------------------------------------------
 
@@ -595,7 +632,7 @@ class _QueuedExecution(_Execution):
 
     # -- a run() on a worker thread ------------------------------------------------
 
-    def hand_over(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+    def hand_over(self, outcome: '_Outcome') -> None:
         """On the worker, its pool slot already free: pass the outcome to the IOLoop."""
         try:
             self.loop.call_soon_threadsafe(self.run_returned, outcome)
@@ -603,17 +640,13 @@ class _QueuedExecution(_Execution):
             # The loop was closed while run() ran: nobody waits for the answer, but the
             # outcome still counts (and a trial must still close or re-open the breaker).
             if self.decide():
-                value, error, elapsed, finished = outcome
-                self.record((_classify(error, finished, None),), elapsed, error)
+                event, value, error, elapsed = outcome
+                self.record((event,), elapsed, error)
 
-    def run_returned(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
+    def run_returned(self, outcome: '_Outcome') -> None:
         """On the IOLoop: the worker answered (perhaps after the timeout already fired)."""
         if self.decide():
-            value, error, elapsed, finished = outcome
-            timeout = self.rt.timeout
-            self.settle(self.command, _classify(
-                error, finished, None if timeout is None else self.start + timeout),
-                value, error, elapsed)
+            self.settle(self.command, *outcome)
 
     # -- an async def run() on the IOLoop ------------------------------------------
 
@@ -703,7 +736,7 @@ class _QueuedExecution(_Execution):
             self.record(_FAILED_LATE, elapsed, error)
 
 
-# -- retries (DESIGN.md §10) ---------------------------------------------------------------
+# -- retries (the guide's "Retries with a budget") ---------------------------------------
 #
 # Only a command with retry_attempts takes these paths (its _Runtime has a policy); the
 # others never reach them. The decision is the policy's (blackgate/retry.py); here it is
@@ -726,6 +759,7 @@ class _Retries:
     prior: Tuple[Event, ...]
     exhausted: bool
     last_error: Optional[BaseException]
+    deadline: Optional[float]   # the current attempt's
 
     def begin_retries(self) -> None:
         self.retries = 0
@@ -790,8 +824,9 @@ class _Retries:
         store = rt.store
         if store is not None:
             store.pending.append((rt.command_key, events, rt.clock.wall()))
-        if rt.component._listeners:
-            rt.component._emit(rt.command_key, events)
+        emit = rt.emit
+        if emit is not None:
+            emit(rt.command_key, events)
         self.prior += events
         self.events = self.prior
         if log.isEnabledFor(logging.INFO):
@@ -813,8 +848,9 @@ class _Retries:
         """:meth:`_Execution.work` for attempt number ``attempt``; a stale one is skipped."""
         if attempt != self.retries:   # queued while its attempt timed out, and another began
             release()
-            return None, None, 0.0, 0.0
-        return _Execution.work(self, release, command, hand_over)  # type: ignore[arg-type]
+            return _SKIPPED
+        return _Execution.work(self, release, command, hand_over,  # type: ignore[arg-type]
+                               self.deadline)
 
 
 def _may_retry(command: 'Command', error: Optional[BaseException]) -> bool:
@@ -837,7 +873,7 @@ def _pause(clock: Any, until: float) -> None:
 class _RetriedExecution(_Retries, _Execution):
     """An ``execute()`` that may retry: :meth:`Command.execute` loops over its attempts."""
 
-    __slots__ = ('retries', 'prior', 'exhausted', 'last_error')
+    __slots__ = ('retries', 'prior', 'exhausted', 'last_error', 'deadline')
 
     def run_attempts(self, command: 'Command') -> Any:
         """The driver's loop: each attempt as ``execute()`` runs one, then the decision."""
@@ -849,17 +885,17 @@ class _RetriedExecution(_Retries, _Execution):
             token = self.token = rt.breaker.allow_request()
             if token == DENY:   # an open breaker stops the retries; the cause is the last error
                 return self.fall_back(command, SHORT_CIRCUITED, None, self.last_error)
+            deadline = self.deadline = self.attempt_deadline()
             future = rt.pool.try_submit(self.work_attempt, command, self.retries)
             if future is None:
                 return self.fall_back(command, THREAD_POOL_REJECTED, None,
                                       _cause(rt, THREAD_POOL_REJECTED))
-            deadline = self.attempt_deadline()
             try:
                 if deadline is None:
-                    value, error, elapsed, finished = future.result()
+                    event, value, error, elapsed = future.result()
                 else:
-                    value, error, elapsed, finished = clock.wait_until(future, deadline)
-                event = _classify(error, finished, deadline)
+                    event, value, error, elapsed = clock.wait_until(future, deadline)
+                finished = clock.monotonic()
             except _WaitTimeout:
                 self.decide()   # a run() still waiting in the queue is skipped
                 value, error, event = None, None, TIMEOUT
@@ -905,12 +941,6 @@ class _RetriedQueuedExecution(_Retries, _QueuedExecution):
         if deadline is not None:
             delay = min(delay, deadline - self.rt.clock.monotonic())
         _QueuedExecution.arm_timer(self, delay)
-
-    def run_returned(self, outcome: Tuple[Any, Optional[BaseException], float, float]) -> None:
-        if self.decide():
-            value, error, elapsed, finished = outcome
-            self.settle(self.command, _classify(error, finished, self.deadline), value, error,
-                        elapsed)
 
     def timed_out(self) -> None:
         if self.decide():
@@ -1105,15 +1135,16 @@ class Command:
         timeout = rt.timeout
         try:
             if timeout is None:
-                value, error, elapsed, finished = future.result()
-                deadline = None
+                event, value, error, elapsed = future.result()
             else:
-                deadline = ex.start + timeout
-                value, error, elapsed, finished = clock.wait_until(future, deadline)
+                event, value, error, elapsed = clock.wait_until(future, ex.start + timeout)
         except _WaitTimeout:
             ex.decide()   # a run() still waiting in the queue is skipped
             return ex.fall_back(self, TIMEOUT, clock.monotonic() - ex.start, None)
-        return ex.settle(self, _classify(error, finished, deadline), value, error, elapsed)
+        if event is SUCCESS:   # settle()'s first case, two frames shorter on the hot path
+            ex.record(_SUCCESS_ONLY, elapsed, None)
+            return value
+        return ex.settle(self, event, value, error, elapsed)
 
     def queue(self) -> 'asyncio.Future[Any]':
         """Start the command and return a future of its result; never blocks the IOLoop.
@@ -1316,9 +1347,16 @@ class Command:
                                                                            name))
         return ex
 
-    def _bg_timeout(self) -> Optional[float]:
-        """The timeout this command's class runs under, as resolved; None if disabled."""
-        return _runtime(type(self)).timeout
+    @property
+    def resolved_timeout(self) -> Optional[float]:
+        """The timeout, in seconds, this execution runs under; None if timeouts are off.
+
+        As resolved when the execution started (an ``install()`` since does not change
+        it: the timer already armed does not change either); before it starts, as its
+        class would run now. For a ``run()`` that gives its own I/O a deadline.
+        """
+        rt = self.__execution.rt
+        return (rt if rt is not None else _runtime(type(self))).timeout
 
     # -- what happened -----------------------------------------------------------------
 

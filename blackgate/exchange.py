@@ -67,7 +67,7 @@ class Exchange:
         self.where = where
         self.pool = transport.pool()
         self.connection: Optional[transport.Connection] = None
-        self.timeout = command._bg_timeout()
+        self.timeout = command.resolved_timeout   # the armed timer's, not a fresh lookup
         self.upgrade = request.get('upgrade')
 
     async def send(self) -> transport.ResponseHead:

@@ -130,6 +130,8 @@ class Component:
         self._clock: Any = SystemClock()
         self._listeners: Tuple[Any, ...] = ()
         self._session = None
+        # called whenever what commands resolved may be stale (the command layer's cache)
+        self._invalidation_hooks: Tuple[Callable[[], None], ...] = ()
         self._forget()
 
     def _forget(self) -> None:
@@ -140,8 +142,6 @@ class Component:
         self._keys: Dict[str, KeyState] = {}
         # class -> (command_key, class attribute values): what install() re-resolves
         self._classes: Dict[type, Tuple[str, Dict[str, Any]]] = {}
-        #: class -> the command module's resolved runtime (the hot path's one lookup)
-        self._runtimes: Dict[type, Any] = {}
         # fleet mode: what set('state_store') asked for, and the running store
         self._store_options: Optional[Dict[str, Any]] = None
         self._store: Optional[Any] = None
@@ -213,6 +213,25 @@ class Component:
             else:
                 self._defaults = {}
 
+    def command_override(self, command_key: str) -> Dict[str, Any]:
+        """A copy of what ``add('command', ...)`` stored for ``command_key`` (empty if nothing)."""
+        with self._lock:
+            return dict(self._overrides.get(command_key, {}))
+
+    def forget_override(self, command_key: str, *names: str) -> None:
+        """Take back the settings ``names`` (all, if none named) that ``add('command', ...)``
+        stored for ``command_key``; applied by ``install()``. A setting never added is a no-op.
+        """
+        with self._lock:
+            override = self._overrides.get(command_key)
+            if override is None:
+                return
+            for name in names or list(override):
+                if name != 'command_key':
+                    override.pop(name, None)
+            if set(override) <= {'command_key'}:
+                del self._overrides[command_key]
+
     def install(self) -> None:
         """Validate the configuration, start new pools and apply settings (idempotent)."""
         with self._lock:
@@ -243,7 +262,7 @@ class Component:
                     if new_store is not None:
                         new_store.attach(state.breaker)
             self.tracer = self._tracing
-            self._runtimes.clear()
+            self._invalidate()
 
     def _new_store(self) -> Any:
         """The fleet-mode store install() should run: False to keep the current one."""
@@ -276,7 +295,7 @@ class Component:
         """
         with self._lock:
             pools = list(self._pools.values())
-            self._runtimes.clear()
+            self._invalidate()
             self._stop_store()
         for pool in pools:
             pool.shutdown(wait=False)   # every pool stops admitting at once
@@ -305,6 +324,7 @@ class Component:
             self._clock = SystemClock()
             listeners, self._listeners = self._listeners, ()
             session, self._session = self._session, None
+            self._invalidate()
         if session is not None:
             session.close()
         for listener in listeners:
@@ -436,7 +456,7 @@ class Component:
                 pool.clock = clock
             if self._store is not None:
                 self._store.clock = clock
-            self._runtimes.clear()
+            self._invalidate()
 
     # -- listeners ---------------------------------------------------------------------
 
@@ -451,11 +471,22 @@ class Component:
                             'got %r' % (listener,))
         with self._lock:
             self._listeners += (listener,)
+            self._invalidate()
 
     def remove_listener(self, listener: Any) -> None:
         """Stop calling ``listener``; one never added is a no-op."""
         with self._lock:
             self._listeners = tuple(item for item in self._listeners if item is not listener)
+            self._invalidate()
+
+    @property
+    def emitter(self) -> Optional[Callable[[str, Iterable[Event]], None]]:
+        """What a command hands each execution's events to, ``(command_key, events)``.
+
+        None while no listener is added, so that the hot path skips the call; adding or
+        removing a listener makes commands ask again (see :meth:`add_invalidation_hook`).
+        """
+        return self._emit if self._listeners else None
 
     def _emit(self, command_key: str, events: Iterable[Event]) -> None:
         for listener in self._listeners:
@@ -487,6 +518,21 @@ class Component:
             return self._session
 
     # -- resolution (called by the command module) -------------------------------------
+
+    def add_invalidation_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` whenever what :meth:`resolve` gave may be stale.
+
+        That is after ``install()``, ``shutdown()``, ``reset()``, a new ``clock``, and a
+        listener added or removed. It is called under the registry's lock: it must be
+        quick and take no lock of its own. The command layer clears its cache of
+        resolved command classes with it; a hook stays through ``reset()``.
+        """
+        with self._lock:
+            self._invalidation_hooks += (hook,)
+
+    def _invalidate(self) -> None:
+        for hook in self._invalidation_hooks:
+            hook()
 
     def resolve(self, cls: type, command_key: str, class_values: Mapping[str, Any],
                 needs_pool: bool = True) -> Tuple[CommandSettings, KeyState,

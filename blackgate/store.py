@@ -527,8 +527,7 @@ class RedisStateStore:
             elif (breaker.judge(view.health)
                     and (self._quorum == 1 or view.reporters >= self._quorum)
                     and self._trip_in_redis(command_key, view.generation)):
-                _contained(breaker.adopt, BreakerState.OPEN, version, None,
-                           'error threshold reached across the fleet')
+                _contained(breaker.adopt, BreakerState.OPEN, version, None, 'fleet tripped')
             return
         claim = breaker.fleet_claim()
         if claim is not None:
@@ -536,7 +535,7 @@ class RedisStateStore:
                 return   # this process holds the fleet's trial: keep it
             breaker.revoke_fleet_trial()   # the fleet moved on (its lease ran out)
         opened_at = self._local_time(view.opened_at)
-        why = 'opened by the fleet' if state == 'open' else 'trial running elsewhere in the fleet'
+        why = None if state == 'open' else 'trial elsewhere'   # breaker.FLEET_REASONS
         if not _contained(breaker.adopt, BreakerState.OPEN, version, opened_at, why):
             return
         settings = breaker.settings

@@ -49,9 +49,8 @@ def forced(command_key: str, open: bool = True,
     On the way out the overrides are put back exactly as they were.
     """
     registry = component if registry is None else registry
-    with registry._lock:
-        before = {key: value for key, value in registry._overrides.get(command_key, {}).items()
-                  if key in _FORCE_KEYS}
+    before = {key: value for key, value in registry.command_override(command_key).items()
+              if key in _FORCE_KEYS}
     _force(command_key, open, not open, registry)
     try:
         yield
@@ -64,14 +63,9 @@ _FORCE_KEYS = ('circuit_breaker_force_open', 'circuit_breaker_force_closed')
 
 def _restore(command_key: str, values: dict, registry: Optional[Component]) -> None:
     registry = component if registry is None else registry
-    with registry._lock:
-        override = registry._overrides.get(command_key)
-        if override is not None:
-            for key in _FORCE_KEYS:
-                override.pop(key, None)
-            override.update(values)
-            if set(override) <= {'command_key'}:
-                del registry._overrides[command_key]
+    registry.forget_override(command_key, *_FORCE_KEYS)
+    if values:
+        registry.add('command', dict(values, command_key=command_key))
     registry.install()
 
 

@@ -635,11 +635,11 @@ def parse_head(data: bytes) -> ResponseHead:
     clean = _CLEAN_HEAD.fullmatch(text)
     if clean is not None:   # CRLF lines, no fold, no bare CR, no space before a colon
         version, status, reason, block = clean.groups()
-        fields = []
+        pairs = []
         for line in block.split('\r\n')[:-1]:
             name, _, value = line.partition(':')
-            fields.append((name, value.strip(' \t')))
-        return ResponseHead(10 if version == '0' else 11, int(status), reason or '', fields)
+            pairs.append((name, value.strip(' \t')))
+        return ResponseHead(10 if version == '0' else 11, int(status), reason or '', pairs)
     lines = text.split('\n')
     status_line = _line(lines[0])
     match = _STATUS_LINE.fullmatch(status_line)

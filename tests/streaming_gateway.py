@@ -1,4 +1,4 @@
-"""A gateway process for the streaming tests: DESIGN.md §1's APIService route, as written.
+"""A gateway process for the streaming tests: the README's APIService route, as written.
 
     python tests/streaming_gateway.py UPSTREAM_BASE_URL [LIFETIME_SECONDS]
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from blackgate import BadRequest, BreakerState, Command, Event, component
+from blackgate import BadRequest, BlackgateError, BreakerState, Command, Event, component
 from support import finish, held, start
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -718,3 +718,71 @@ def test_a_snapshot_overtaken_by_a_reset_does_not_trip_the_closed_breaker():
     breaker.reset()
     breaker.evaluate(stale)
     assert breaker.state is BreakerState.CLOSED
+
+
+# -- the lock order (breaker.py's warning) ---------------------------------------------------
+
+class _OrderedLock:
+    """A real lock that notes, per thread, which kinds of lock are held when it is taken."""
+
+    def __init__(self, kind, held, nestings):
+        self.kind, self._held, self._nestings = kind, held, nestings
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True, timeout=-1):
+        taken = self._lock.acquire(blocking, timeout)
+        if taken:
+            stack = self._held.__dict__.setdefault('stack', [])
+            self._nestings.extend((outer, self.kind) for outer in stack)
+            stack.append(self.kind)
+        return taken
+
+    def release(self):
+        self._held.stack.remove(self.kind)
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def test_a_breaker_takes_its_lock_before_its_windows_never_after(clock, monkeypatch):
+    """Trip, trial, close, reset, read: every nesting of the two is breaker -> metrics."""
+    import types
+
+    import blackgate.breaker
+    import blackgate.metrics
+    held, nestings = threading.local(), []
+    for module, kind in ((blackgate.breaker, 'breaker'), (blackgate.metrics, 'metrics')):
+        fake = types.SimpleNamespace(Lock=lambda kind=kind: _OrderedLock(kind, held, nestings))
+        monkeypatch.setattr(module, 'threading', fake)
+    cls = command(circuit_breaker_request_volume_threshold=2,
+                  metrics_health_snapshot_interval=0)
+    trip(cls)
+    breaker = component.circuit_breaker('flaky')
+    clock.advance(5.0)
+    assert cls('ok').execute() == 'fresh'               # the trial: closes, counts reset
+    assert breaker.state is CLOSED
+    trip(cls)
+    breaker.reset()
+    assert breaker.state is CLOSED and component.metrics('flaky').health().total_requests == 0
+    assert ('breaker', 'metrics') in nestings           # the order was exercised
+    assert ('metrics', 'breaker') not in nestings       # and never inverted
+
+
+def test_adopt_takes_only_the_fleet_reasons_of_the_one_table():
+    """Issue 19: every fleet move goes through the breaker's one gate and its table."""
+    from blackgate.breaker import FLEET_MOVES, FLEET_REASONS
+
+    breaker = component.circuit_breaker('adopter')
+    with pytest.raises(BlackgateError, match=r"adopt\(why='because'\): not a fleet reason"):
+        breaker.adopt(BreakerState.OPEN, breaker.version, why='because')
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.adopt(BreakerState.OPEN, breaker.version, why='fleet tripped')
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(BlackgateError, match='illegal fleet transition'):
+        breaker.adopt(BreakerState.HALF_OPEN, breaker.version)   # a trial is never adopted
+    assert breaker.adopt(BreakerState.CLOSED, breaker.version)
+    assert (BreakerState.OPEN, BreakerState.CLOSED) in FLEET_MOVES
+    assert FLEET_REASONS == {'fleet tripped', 'trial elsewhere'}

@@ -1,4 +1,4 @@
-"""Command.execute() and the pipeline of DESIGN.md §5, steps 1 to 9.
+"""Command.execute() and the pipeline of docs/guide.rst (The pipeline).
 
 Time is the FakeClock's: a thread blocked in ``execute()`` times out when the
 test advances the clock. Workers are held on a ``Gate`` (a threading.Event;
@@ -679,7 +679,7 @@ def test_fallback_permit_comes_back_after_the_fallback_raises():
         assert info.value.failure_type is FailureType.COMMAND_EXCEPTION
 
 
-# -- DESIGN §1: subclasses ------------------------------------------------------------------
+# -- README: subclasses ---------------------------------------------------------------------
 
 class NoSuperInit(Command):
     def __init__(self, cookie):
@@ -1406,3 +1406,61 @@ def test_configured_logging_gets_every_failure_once_and_nothing_more(tmp_path):
     lines = [line for line in stderr.splitlines() if line.startswith('configured: ')]
     assert len(lines) == 3 and all('FAILURE: NameError' in line for line in lines)
     assert 'configured no logging' not in stderr
+
+
+# -- the pipeline's state is its own (issue 19) ----------------------------------------------
+
+class Crowded(Command):
+    """A subclass using the names the pipeline's state once had, for its own things."""
+    command_key = 'crowded'
+    _bg_events = 'mine'
+    _bg_decided = True
+    _bg_rt = None
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self._bg_exception = 'also mine'
+        self._bg_future = self._bg_timer = self._bg_used = 'mine too'
+
+    def run(self):
+        if self.fail:
+            raise ConnectionError('down')
+        return 'fresh'
+
+    def fallback(self):
+        return 'stale'
+
+
+@pytest.mark.parametrize('driver', ['execute', 'queue'])
+def test_a_subclass_may_name_its_attributes_as_the_pipeline_once_named_its_state(driver):
+    def answer(cmd):
+        if driver == 'execute':
+            return cmd.execute()
+
+        async def queued():
+            return await cmd.queue()
+        return asyncio.run(queued())
+
+    good, bad = Crowded(), Crowded(fail=True)
+    assert answer(good) == 'fresh' and good.events == (Event.SUCCESS,)
+    assert answer(bad) == 'stale'
+    assert bad.events == (Event.FAILURE, Event.FALLBACK_SUCCESS)
+    assert type(bad.execution_exception) is ConnectionError
+    assert (bad._bg_events, bad._bg_exception, bad._bg_future) == ('mine', 'also mine',
+                                                                   'mine too')
+
+
+def test_resolved_timeout_is_the_one_the_execution_started_with():
+    class Reads(Command):
+        command_key = 'reads_timeout'
+        timeout = 2.0
+
+        def run(self):
+            component.add('command', {'command_key': 'reads_timeout', 'timeout': 5.0})
+            component.install()   # while this execution runs: its timer keeps 2 s
+            return self.resolved_timeout
+
+    cmd = Reads()
+    assert cmd.resolved_timeout == 2.0
+    assert cmd.execute() == 2.0
+    assert Reads().resolved_timeout == 5.0

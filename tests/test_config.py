@@ -1,4 +1,4 @@
-"""Command configuration (DESIGN.md §3): defaults, precedence and ConfigError."""
+"""Command configuration (docs/configuration.rst): defaults, precedence and ConfigError."""
 import asyncio
 import itertools
 import math

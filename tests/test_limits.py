@@ -1,4 +1,4 @@
-"""Adaptive concurrency limits (DESIGN.md §10; issue 15, Done when 1).
+"""Adaptive concurrency limits (the guide's "Adaptive concurrency limits"; issue 15, Done when 1).
 
 The algorithms are fed on the FakeClock's time, with a closed loop where the
 pool is busy (as much in flight as the limit admits) and the RTT a function of

@@ -16,7 +16,7 @@ to the end of the sleep window, past the whole window), forced states
 
 After every step the breaker's state, the events of the command, its answer,
 every rolling count, the health and the transitions a listener saw are
-compared with :class:`Reference`, a small model written from DESIGN.md §5.6
+compared with :class:`Reference`, a small model written from docs/guide.rst (The circuit breaker)
 and the documentation of the rolling window, not from the code:
 
 - the window is ``metrics_rolling_buckets`` whole buckets of ``window /
@@ -109,7 +109,7 @@ SEQUENCES = collections.Counter()
 # -- the reference model ------------------------------------------------------------------
 
 class Reference:
-    """What the breaker, the counts and the listener should show; DESIGN.md §5.6."""
+    """What the breaker, the counts and the listener should show (docs/guide.rst)."""
 
     def __init__(self, now, config):
         self.now = now

@@ -1,4 +1,4 @@
-"""Fail-fast bulkheads (DESIGN.md §4, §5 steps 3 and 4; issue 3, Done when 4 and 6)."""
+"""Fail-fast bulkheads (docs/guide.rst, Isolation; issue 3, Done when 4 and 6)."""
 import asyncio
 import sys
 import threading

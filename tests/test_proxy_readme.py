@@ -1,4 +1,4 @@
-"""DESIGN.md §1's gateway example, run as written, against a local upstream that echoes.
+"""The README's gateway example, run as written, against a local upstream that echoes.
 
 Only the upstream's address changes: ``http://intra.service.com`` becomes the
 echo upstream on 127.0.0.1 (``INTRA_SERVICE``, set by the fixture). The
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gen_test(timeout=TEST_TIMEOUT)
 INTRA_SERVICE = 'http://intra.service.com'
 
 
-# -- the example, as written in DESIGN.md §1 (only the upstream's address differs) -----------
+# -- the example, as written in the README (only the upstream's address differs) -----------
 
 class APIService(HTTPProxyCommand):
     group_key = 'api.v1'

@@ -1,4 +1,4 @@
-"""Streaming through HTTPProxy (DESIGN.md §9): bodies both ways with flow control, event
+"""Streaming through HTTPProxy (docs/proxy.rst): bodies both ways with flow control, event
 streams, WebSockets, and how a streamed exchange is counted.
 
 The memory cases run the gateway in a subprocess (tests/streaming_gateway.py, the

@@ -1,4 +1,4 @@
-"""Command.queue() and async commands (DESIGN.md §5.7).
+"""Command.queue() and async commands (docs/guide.rst, execute() and queue()).
 
 The queue() timeout is an IOLoop timer that follows the FakeClock: the test
 advances the clock and the timer fires on the next loop iteration. Workers are

@@ -1,4 +1,4 @@
-"""DESIGN.md §1's command example, run as written, against a local session service.
+"""The README's command example, run as written, against a local session service.
 
 The upstream is a tiny ``http.server`` on 127.0.0.1 (a free port) standing in
 for ``http://session-service``: ``GET /session`` answers
@@ -22,7 +22,7 @@ WAIT = 5.0
 SESSION_SERVICE = 'http://session-service'
 
 
-# -- the example, as written in DESIGN.md §1 (only the URL points at the local upstream) ---------
+# -- the example, as written in the README (only the URL points at the local upstream) ---------
 
 class GetCurrentUser(Command):
     group_key = 'service.session'

@@ -1,4 +1,4 @@
-"""The registry (DESIGN.md §4, and §7's listeners and clock): every ``component`` method."""
+"""The registry (docs/api.rst, Component; listeners, the clock): every ``component`` method."""
 import asyncio
 import http.server
 import logging

@@ -1,4 +1,4 @@
-"""Retries through the pipeline (DESIGN.md §10; issue 15, Done when 2), on the FakeClock.
+"""Retries through the pipeline (the guide's "Retries with a budget"; issue 15, Done when 2), on the FakeClock.
 
 Every test runs under both drivers, and with a plain and an ``async def run()``
 where that applies; the budget's own arithmetic is in test_retry_budget.py.
