@@ -821,12 +821,7 @@ class _Retries:
             health = rt.metrics.record(events, elapsed, now - self.start, now)
             if health is not None:
                 rt.breaker.evaluate(health)
-        store = rt.store
-        if store is not None:
-            store.pending.append((rt.command_key, events, rt.clock.wall()))
-        emit = rt.emit
-        if emit is not None:
-            emit(rt.command_key, events)
+        self.note(events)   # type: ignore[attr-defined]   # (_Execution's, by the MRO)
         self.prior += events
         self.events = self.prior
         if log.isEnabledFor(logging.INFO):
